@@ -1,0 +1,45 @@
+# vitos-verl: one-command set-up, main job and tests on a CPU machine.
+#   make demo   set everything up, prepare the real data, run the main job (CPU smoke)
+#   make test   set everything up, run the test suite (what CI runs)
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+DATA ?= $(abspath $(CURDIR)/../shared/data)
+OUT ?= $(CURDIR)/outputs
+
+# Nothing writes to ~ and nothing reaches a model hub.
+export HF_HOME := $(CURDIR)/.cache/hf
+export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
+export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export VITOS_DATA := $(DATA)
+
+.PHONY: setup data tiny demo test test-slow lint clean
+
+setup:
+	bash scripts/setup_cpu.sh
+
+data: setup
+	$(PY) -m data_prep.slake --src $(DATA)/slake --out $(OUT)/data/slake
+	$(PY) -m data_prep.vqa_rad --src $(DATA)/vqa_rad --out $(OUT)/data/vqa_rad
+
+tiny: setup
+	$(PY) -m vitos_verl.models.tiny --out $(OUT)/models/tiny-qwen2.5-vl
+
+demo: data tiny
+	$(PY) -m vitos_verl.eval.pruned_check --model $(OUT)/models/tiny-qwen2.5-vl \
+		--data $(OUT)/data/slake/test.parquet --num 8
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check vitos_verl data_prep tests bench
+
+clean:
+	rm -rf $(OUT) .cache

@@ -1,0 +1,1 @@
+"""Converters from the public medical VQA releases to ViToS verl parquet."""

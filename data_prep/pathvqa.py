@@ -1,0 +1,100 @@
+"""PathVQA -> verl parquet.
+
+Two layouts: the Hugging Face parquet one (``image`` bytes, ``question``, ``answer``), which is
+how most users get PathVQA with its images, and the LXMERT release layout
+(``pvqa_{train,val,test}.json``: ``{img_id, sentf: {pvqa: [q...]}, labelf: {pvqa: [{ans: score}...]}}``)
+with images looked up as ``<images>/<split>/<img_id>.{jpg,png}`` (``--images``). Without
+images every release row is counted as ``missing_image``: nothing is dropped silently.
+
+    python -m data_prep.pathvqa --src /data/path-vqa            # HF parquet folder
+    python -m data_prep.pathvqa --src ../shared/data/pathvqa_qa --images /data/pvqa/images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data_prep.common import ImageCache, SkipRow, SplitReport, infer_answer_type, parser, run
+from vitos_verl.data import make_row
+
+DATASET = "pathvqa"
+RELEASE_SPLITS = {"train": "pvqa_train.json", "val": "pvqa_val.json", "test": "pvqa_test.json"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def _best_label(labels: Any) -> str | None:
+    if not isinstance(labels, dict) or not labels:
+        return None
+    return max(labels.items(), key=lambda kv: kv[1])[0]
+
+
+def convert_release(src: Path, split: str, args: argparse.Namespace, report: SplitReport) -> list[dict[str, Any]]:
+    """Rows of one PathVQA split from the LXMERT layout (one row per question)."""
+    if split not in RELEASE_SPLITS:
+        raise ValueError(f"pathvqa: unknown split {split!r} (choose from {sorted(RELEASE_SPLITS)})")
+    records = json.loads((src / RELEASE_SPLITS[split]).read_text())
+    images = ImageCache()
+    img_root = Path(args.images) / split if args.images else None
+    rows = []
+    for rec in tqdm(records, desc=f"pathvqa/{split}", unit="image", leave=False):
+        try:
+            questions = rec["sentf"]["pvqa"]
+            labels = rec["labelf"]["pvqa"]
+            img_id = str(rec["img_id"])
+        except (KeyError, TypeError):
+            report.rows_in += 1
+            report.skip("malformed_record", repr(rec)[:200])
+            continue
+        if len(questions) != len(labels):
+            report.rows_in += len(questions)
+            for _ in questions:
+                report.skip("malformed_record", f"{img_id}: {len(questions)} questions vs {len(labels)} labels")
+            continue
+        if not questions:
+            report.notes["records_without_questions"] += 1
+        for k, (q, lab) in enumerate(zip(questions, labels)):
+            report.rows_in += 1
+            try:
+                answer = _best_label(lab)
+                if not isinstance(q, str) or not q.strip() or not answer or not str(answer).strip():
+                    raise SkipRow("empty_question_or_answer", f"{img_id}#{k}")
+                if img_root is None:
+                    raise SkipRow("missing_image", f"{img_id}: no --images folder given")
+                path = next((img_root / f"{img_id}{e}" for e in IMAGE_EXTS if (img_root / f"{img_id}{e}").exists()), None)
+                if path is None:
+                    raise SkipRow("missing_image", f"{img_root}/{img_id}.*")
+                img = images.load(path)
+                rows.append(
+                    make_row(
+                        data_source=DATASET,
+                        split=split,
+                        index=len(rows),
+                        question=q,
+                        answer=answer,
+                        image_bytes=img.data,
+                        image_path=f"{split}/{path.name}",
+                        image_size=img.size,
+                        answer_type=infer_answer_type(answer),
+                        record_id=f"{img_id}#{k}",
+                    )
+                )
+            except SkipRow as e:
+                report.skip(e.reason, str(e))
+            except ValueError as e:
+                report.skip("malformed_record", str(e))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser(DATASET, "../shared/data/pathvqa_qa", tuple(RELEASE_SPLITS))
+    p.add_argument("--images", default="", help="release layout: folder with <split>/<img_id>.jpg")
+    return run(DATASET, p.parse_args(argv), convert_release)
+
+
+if __name__ == "__main__":
+    main()

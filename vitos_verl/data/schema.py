@@ -1,0 +1,86 @@
+"""The verl parquet row of ViToS (DESIGN.md section 4).
+
+One row per (image, question) record carries both streams: ``prompt`` is the grounding
+prompt (the first pass), ``reasoning_prompt`` the reasoning prompt; both are rendered from
+the same record by :mod:`vitos_verl.data.prompts`. Ground-truth boxes are ``[x1, y1, x2, y2]``
+in original-image pixels; ``image_size`` is the original ``(W, H)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vitos_verl.data import prompts
+
+ABILITY = "medical_vqa"
+BOX_RULES = ("named", "all", "none")  # which SLAKE boxes a question got; "none": dataset has none
+
+
+def make_row(
+    *,
+    data_source: str,
+    split: str,
+    index: int,
+    question: str,
+    answer: str,
+    image_bytes: bytes,
+    image_path: str,
+    image_size: tuple[int, int],
+    answer_type: str = "OPEN",
+    question_type: str = "",
+    gt_boxes: Sequence[Sequence[float]] = (),
+    box_labels: Sequence[str] = (),
+    box_rule: str = "none",
+    modality: str = "",
+    organ: str = "",
+    lang: str = "en",
+    record_id: str = "",
+    options: Sequence[dict] | None = None,
+) -> dict[str, Any]:
+    """One parquet row in verl's RLHF schema plus the ViToS fields.
+
+    Args:
+        image_bytes: the encoded image file, embedded as is (no re-encoding).
+        image_size: original ``(W, H)`` in pixels.
+        answer_type: normalised ``"OPEN"`` / ``"CLOSED"`` / ``"CHOICE"`` (strip, upper).
+        gt_boxes: ``[[x1, y1, x2, y2], ...]`` original pixels, already clipped to the image.
+        box_rule: one of :data:`BOX_RULES`.
+
+    Raises:
+        ValueError: empty question or answer, bad ``box_rule`` or ``image_size``.
+    """
+    if not str(answer).strip():
+        raise ValueError("empty answer")
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"box_rule must be one of {BOX_RULES}, got {box_rule!r}")
+    w, h = (int(v) for v in image_size)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"bad image size {image_size}")
+    atype = str(answer_type or "OPEN").strip().upper()
+    opts = [{"letter": str(o["letter"]), "content": str(o["content"])} for o in (options or [])]
+    return {
+        "data_source": data_source,
+        "prompt": prompts.chat("grounding", question, atype, opts),
+        "reasoning_prompt": prompts.chat("reasoning", question, atype, opts),
+        "images": [{"bytes": image_bytes, "path": image_path}],
+        "ability": ABILITY,
+        "reward_model": {"style": "rule", "ground_truth": str(answer).strip()},
+        "extra_info": {
+            "split": split,
+            "index": int(index),
+            "record_id": str(record_id),
+            "question": question.strip(),
+            "answer": str(answer).strip(),
+            "answer_type": atype,
+            "question_type": str(question_type or ""),
+            "gt_boxes": [[float(v) for v in b] for b in gt_boxes],
+            "box_labels": [str(x) for x in box_labels],
+            "box_rule": box_rule,
+            "image_size": [w, h],
+            "modality": str(modality or ""),
+            "organ": str(organ or ""),
+            "lang": lang,
+            "options": opts,
+        },
+    }

@@ -1,0 +1,1 @@
+"""Evaluation: two-pass inference, metrics, reports, kept-token overlays."""

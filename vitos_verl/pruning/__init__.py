@@ -1,0 +1,41 @@
+"""Visual-token pruning geometry for Qwen2.5-VL (pure torch; the one source of truth)."""
+
+from vitos_verl.pruning.geometry import (
+    CELL,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    MERGE_SIZE,
+    PATCH_SIZE,
+    ImageGeometry,
+    box_to_keep_mask,
+    box_to_original,
+    box_to_resized,
+    geometry_from_grid,
+    image_geometry,
+    keep_cells_key,
+    keep_ratio,
+    kept_token_indices,
+    mrope_position_ids,
+    smart_resize,
+    vision_positions,
+)
+
+__all__ = [
+    "CELL",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MIN_PIXELS",
+    "MERGE_SIZE",
+    "PATCH_SIZE",
+    "ImageGeometry",
+    "box_to_keep_mask",
+    "box_to_original",
+    "box_to_resized",
+    "geometry_from_grid",
+    "image_geometry",
+    "keep_cells_key",
+    "keep_ratio",
+    "kept_token_indices",
+    "mrope_position_ids",
+    "smart_resize",
+    "vision_positions",
+]

@@ -1,0 +1,25 @@
+"""Rewards of both ViToS streams: box parsing, IoU, answer accuracy, format.
+
+``vitos_verl.rewards.compute_score`` is the verl custom reward entry
+(``custom_reward_function.path`` = this package's ``score.py``, ``name=compute_score``).
+"""
+
+from vitos_verl.rewards.answers import answer_scores, extract_answer, normalize, token_scores
+from vitos_verl.rewards.boxes import best_iou, iou, parse_boxes, union_box
+from vitos_verl.rewards.score import SCORE_KEYS, compute_score, format_score, grounding_score, reasoning_score
+
+__all__ = [
+    "SCORE_KEYS",
+    "answer_scores",
+    "best_iou",
+    "compute_score",
+    "extract_answer",
+    "format_score",
+    "grounding_score",
+    "iou",
+    "normalize",
+    "parse_boxes",
+    "reasoning_score",
+    "token_scores",
+    "union_box",
+]

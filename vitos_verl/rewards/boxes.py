@@ -1,0 +1,195 @@
+"""Box parsing and IoU for the grounding stream.
+
+Models emit boxes in many shapes; :func:`parse_boxes` accepts the ones seen in practice and
+returns them in one frame, pixels of the *resized* image the model saw (Qwen2.5-VL's
+absolute-coordinate convention). Ground truth (dataset boxes) is in *original* pixels and is
+mapped with :func:`vitos_verl.pruning.box_to_resized` before :func:`best_iou`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+
+Box = list[float]  # [x1, y1, x2, y2]
+
+MAX_TEXT_CHARS = 20_000  # longer outputs are truncated before parsing (regex cost bound)
+BOX_FORMATS = ("abs", "norm1", "norm1000")
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
+_TAG_BOX = re.compile(r"<box>\s*\[?\s*(.*?)\s*\]?\s*</box>", re.S | re.I)
+_QWEN_BOX = re.compile(
+    rf"<\|box_start\|>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*<\|box_end\|>",
+    re.I,
+)
+_BBOX_KEY = re.compile(r'"(?:bbox_2d|bbox|box)"\s*:\s*\[([^\[\]]*)\]', re.I)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(m) for m in re.findall(_NUM, text, flags=re.I)]
+
+
+def _as_box(values: Sequence[float]) -> Box | None:
+    if len(values) != 4:
+        return None
+    vals = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in vals):
+        return None
+    x1, y1, x2, y2 = vals
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
+def _json_boxes(obj: object, out: list[Box]) -> None:
+    if isinstance(obj, dict):
+        used = None
+        for key in ("bbox_2d", "bbox", "box"):
+            v = obj.get(key)
+            if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                box = _as_box(v)
+                if box:
+                    out.append(box)
+                    used = key
+                    break
+        for k, v in obj.items():
+            if k != used and isinstance(v, (dict, list)):
+                _json_boxes(v, out)
+    elif isinstance(obj, list):
+        if len(obj) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj):
+            box = _as_box(obj)
+            if box:
+                out.append(box)
+        else:
+            for v in obj:
+                _json_boxes(v, out)
+
+
+def parse_boxes(text: str, box_format: str = "abs", image_size: tuple[float, float] | None = None) -> list[Box]:
+    """All boxes in a model output, as ``[x1, y1, x2, y2]`` in resized-image pixels.
+
+    Accepted forms, first match wins in this order: ``<box>[x1, y1, x2, y2]</box>`` (also
+    without brackets), Qwen's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``, JSON objects with
+    ``bbox_2d`` / ``bbox`` / ``box`` keys (alone, in a list, or in a code fence), and a bare
+    ``[x1, y1, x2, y2]`` list. Corners are put in order (swapped corners are fixed); boxes
+    with NaN/inf or a wrong number of coordinates are dropped.
+
+    Args:
+        text: the model's decoded output.
+        box_format: ``"abs"`` (pixels of the resized image), ``"norm1"`` (0-1) or
+            ``"norm1000"`` (0-1000, Qwen2-VL's convention); normalised boxes are scaled by
+            ``image_size``.
+        image_size: ``(W, H)`` of the resized image; needed for normalised formats and
+            used to clip every box to the image.
+
+    Returns:
+        A list of boxes (possibly empty); zero-area boxes after clipping are dropped.
+
+    Raises:
+        ValueError: unknown ``box_format``, or a normalised format without ``image_size``
+            (configuration errors, not model errors: model output never raises).
+
+    >>> parse_boxes("<think>the lesion</think><box>[289, 301, 306, 323]</box>")
+    [[289.0, 301.0, 306.0, 323.0]]
+    >>> parse_boxes("<|box_start|>(30,40),(10,20)<|box_end|>")
+    [[10.0, 20.0, 30.0, 40.0]]
+    >>> parse_boxes('```json\\n[{"bbox_2d": [0.1, 0.2, 0.5, 0.6], "label": "liver"}]\\n```', "norm1", (280, 280))
+    [[28.0, 56.0, 140.0, 168.0]]
+    >>> parse_boxes("<box>[10, 10, 900, 50]</box>", image_size=(280, 280))
+    [[10.0, 10.0, 280.0, 50.0]]
+    >>> parse_boxes("no box here")
+    []
+    """
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    if box_format != "abs" and image_size is None:
+        raise ValueError(f"box_format={box_format!r} needs image_size to scale boxes")
+    if not isinstance(text, str) or not text:
+        return []
+    text = text[:MAX_TEXT_CHARS]
+    boxes: list[Box] = []
+    for m in _TAG_BOX.finditer(text):
+        inner = m.group(1)
+        # nested tags or junk inside: take the last four numbers only if exactly four exist
+        box = _as_box(_floats(inner))
+        if box:
+            boxes.append(box)
+    if not boxes:
+        for m in _QWEN_BOX.finditer(text):
+            box = _as_box([float(g) for g in m.groups()])
+            if box:
+                boxes.append(box)
+    if not boxes:
+        candidates = [m.group(1) for m in _FENCE.finditer(text)] or [text]
+        for cand in candidates:
+            try:
+                _json_boxes(json.loads(cand.strip()), boxes)
+            except (ValueError, RecursionError):
+                continue
+    if not boxes:
+        for m in _BBOX_KEY.finditer(text):
+            box = _as_box(_floats(m.group(1)))
+            if box:
+                boxes.append(box)
+    if not boxes:
+        for m in re.finditer(r"\[([^\[\]]{7,200})\]", text):
+            box = _as_box(_floats(m.group(1)))
+            if box:
+                boxes.append(box)
+    if box_format != "abs":
+        div = 1.0 if box_format == "norm1" else 1000.0
+        W, H = image_size  # type: ignore[misc]
+        boxes = [[b[0] / div * W, b[1] / div * H, b[2] / div * W, b[3] / div * H] for b in boxes]
+    if image_size is not None:
+        boxes = [clip_box(b, image_size) for b in boxes]
+    return [b for b in boxes if box_area(b) > 0]
+
+
+def clip_box(box: Sequence[float], image_size: tuple[float, float]) -> Box:
+    """Clip a box to ``[0, W] x [0, H]`` (same frame as ``image_size``)."""
+    W, H = float(image_size[0]), float(image_size[1])
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [min(max(x1, 0.0), W), min(max(y1, 0.0), H), min(max(x2, 0.0), W), min(max(y2, 0.0), H)]
+
+
+def box_area(box: Sequence[float]) -> float:
+    """Area of an ordered box, 0 for a degenerate one."""
+    return max(0.0, float(box[2]) - float(box[0])) * max(0.0, float(box[3]) - float(box[1]))
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes in the same frame.
+
+    >>> iou([0, 0, 10, 10], [5, 0, 15, 10])
+    0.3333333333333333
+    """
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def union_box(boxes: Sequence[Sequence[float]]) -> Box:
+    """Smallest box enclosing all ``boxes`` (non-empty)."""
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def best_iou(pred: Sequence[float], gt_boxes: Sequence[Sequence[float]], mode: str = "best") -> float:
+    """IoU of a predicted box against several ground-truth boxes (same frame).
+
+    Args:
+        mode: ``"best"`` (max IoU over the ground-truth boxes) or ``"union"`` (IoU with the
+            box enclosing them all). DESIGN.md section 1, item 4.
+
+    Returns:
+        IoU in ``[0, 1]``; 0 when there is no ground truth.
+    """
+    if not gt_boxes:
+        return 0.0
+    if mode == "union":
+        return iou(pred, union_box(gt_boxes))
+    if mode != "best":
+        raise ValueError(f"iou mode must be 'best' or 'union', got {mode!r}")
+    return max(iou(pred, g) for g in gt_boxes)

@@ -1,0 +1,203 @@
+"""verl ``compute_score`` entry for both ViToS streams.
+
+Rewards (DESIGN.md section 1, item 4; weights are config, defaults are this project's
+choice since the paper's values are not public):
+
+* reasoning: ``r_r = acc + w_fmt * format_r``
+* grounding: ``r_g = w_iou * IoU [gt boxes only] + w_fb * feedback_acc + w_fmt * format_g
+  - w_keep * keep_ratio``
+
+``feedback_acc`` (cross-feedback) is the mean accuracy of the reasoning answers produced
+from this grounding sample's box; the trainer puts it in ``extra_info["feedback_acc"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from vitos_verl.pruning import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    PATCH_SIZE,
+    ImageGeometry,
+    box_to_keep_mask,
+    box_to_resized,
+    image_geometry,
+    keep_ratio,
+)
+from vitos_verl.rewards.answers import answer_scores, extract_answer
+from vitos_verl.rewards.boxes import MAX_TEXT_CHARS, best_iou, parse_boxes, union_box
+
+STREAMS = ("grounding", "reasoning")
+_NUM = r"\s*[-+]?\d+(?:\.\d+)?\s*"
+_GROUNDING_FORMAT = re.compile(
+    rf"^\s*(?:<think>.*?</think>\s*)?<box>\s*\[{_NUM},{_NUM},{_NUM},{_NUM}\]\s*</box>\s*$", re.S
+)
+_REASONING_FORMAT = re.compile(r"^\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)+</answer>\s*$", re.S)
+
+# One key set for every sample so verl can batch reward_extra_info across both streams.
+SCORE_KEYS = ("score", "acc", "format", "iou", "keep_ratio", "feedback", "recall", "f1", "has_gt_box", "parsed")
+
+
+def format_score(text: str, stream: str) -> float:
+    """1.0 when the output follows the stream's template exactly, else 0.0.
+
+    >>> format_score("<box>[10, 20, 110, 140]</box>", "grounding")
+    1.0
+    >>> format_score("<think>a mass in the right lobe</think><answer>liver</answer>", "reasoning")
+    1.0
+    >>> format_score("liver", "reasoning")
+    0.0
+    """
+    if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+        return 0.0
+    pattern = _GROUNDING_FORMAT if stream == "grounding" else _REASONING_FORMAT
+    return 1.0 if pattern.match(text) else 0.0
+
+
+def _finite(x: Any, default: float = 0.0) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return default
+    return v if math.isfinite(v) else default
+
+
+def _size(v: Any) -> tuple[int, int] | None:
+    try:
+        w, h = (int(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return (w, h) if w > 0 and h > 0 else None
+
+
+def grounding_score(
+    solution_str: str,
+    extra_info: Mapping[str, Any],
+    *,
+    w_iou: float = 1.0,
+    w_fb: float = 1.0,
+    w_fmt: float = 0.5,
+    w_keep: float = 0.0,
+    iou_mode: str = "best",
+    box_format: str = "abs",
+    margin_cells: int = 0,
+    min_keep_ratio: float = 0.0,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, float]:
+    """Grounding reward of one sample; see the module docstring.
+
+    ``extra_info`` needs ``image_size`` = ``(W, H)`` of the original image; optional
+    ``gt_boxes`` (original pixels, ``[[x1, y1, x2, y2], ...]``), ``resized_size`` (else
+    computed with ``smart_resize(min_pixels, max_pixels)``) and ``feedback_acc``. The
+    predicted box is the union of all boxes in the output, in resized pixels; the ground
+    truth is mapped into that frame before the IoU.
+    """
+    orig = _size(extra_info.get("image_size"))
+    if orig is None:
+        return _zero(keep=1.0)
+    geom = image_geometry(*orig, min_pixels=min_pixels, max_pixels=max_pixels)
+    resized = _size(extra_info.get("resized_size")) or geom.resized_size
+    if resized != geom.resized_size:
+        geom = ImageGeometry(orig, resized, (1, resized[1] // PATCH_SIZE, resized[0] // PATCH_SIZE))
+    boxes = parse_boxes(solution_str, box_format=box_format, image_size=resized)
+    pred = union_box(boxes) if boxes else None
+    gt = [box_to_resized(b, geom) for b in (extra_info.get("gt_boxes") or []) if len(b) == 4]
+    has_gt = bool(gt)
+    iou_v = best_iou(pred, gt, iou_mode) if (pred is not None and has_gt) else 0.0
+    mask = box_to_keep_mask(pred, geom.cell_grid, margin_cells, min_keep_ratio)
+    kr = keep_ratio(mask)
+    fb = _finite(extra_info.get("feedback_acc"), 0.0)
+    fmt = format_score(solution_str, "grounding")
+    score = w_iou * iou_v + w_fb * fb + w_fmt * fmt - w_keep * kr
+    return {
+        "score": score,
+        "acc": fb,
+        "format": fmt,
+        "iou": iou_v,
+        "keep_ratio": kr,
+        "feedback": fb,
+        "recall": 0.0,
+        "f1": 0.0,
+        "has_gt_box": float(has_gt),
+        "parsed": float(pred is not None),
+    }
+
+
+def reasoning_score(
+    solution_str: str, ground_truth: str, extra_info: Mapping[str, Any], *, w_fmt: float = 0.5
+) -> dict[str, float]:
+    """Reasoning reward of one sample: ``acc + w_fmt * format``; see :func:`answer_scores`."""
+    pred = extract_answer(solution_str)
+    sc = answer_scores(pred, ground_truth, str(extra_info.get("answer_type") or "OPEN"), extra_info.get("options"))
+    fmt = format_score(solution_str, "reasoning")
+    return {
+        "score": sc["acc"] + w_fmt * fmt,
+        "acc": sc["acc"],
+        "format": fmt,
+        "iou": 0.0,
+        "keep_ratio": _finite(extra_info.get("keep_ratio"), 1.0),
+        "feedback": 0.0,
+        "recall": sc["recall"],
+        "f1": sc["f1"],
+        "has_gt_box": float(bool(extra_info.get("gt_boxes"))),
+        "parsed": float(pred is not None),
+    }
+
+
+def _zero(keep: float = 1.0) -> dict[str, float]:
+    out = dict.fromkeys(SCORE_KEYS, 0.0)
+    out["keep_ratio"] = keep
+    return out
+
+
+def compute_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: str,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """verl custom reward function (``custom_reward_function.name=compute_score``).
+
+    Args:
+        data_source: dataset name (``slake``, ``vqa_rad``, ``pathvqa``...); logged only.
+        solution_str: decoded model response.
+        ground_truth: the dataset answer (``reward_model.ground_truth``).
+        extra_info: the row's ``extra_info``; ``stream`` selects ``"grounding"`` or
+            ``"reasoning"`` (default reasoning). See :func:`grounding_score`.
+        **kwargs: reward weights and geometry from config (``w_iou``, ``w_fb``, ``w_fmt``,
+            ``w_keep``, ``iou_mode``, ``box_format``, ``margin_cells``, ``min_keep_ratio``,
+            ``min_pixels``, ``max_pixels``); unknown keys are ignored.
+
+    Returns:
+        Dict with every key of :data:`SCORE_KEYS`, all finite floats. Bad model output
+        (empty, huge, nested tags, NaN) gives zeros, never an exception.
+
+    Raises:
+        ValueError: an unknown ``stream`` or invalid config values (``box_format``,
+            ``iou_mode``, ``margin_cells``, ``min_keep_ratio``): configuration errors.
+
+    >>> info = {"stream": "grounding", "image_size": [504, 504], "gt_boxes": [[289, 301, 306, 323]]}
+    >>> compute_score("slake", "<box>[289, 301, 306, 323]</box>", "CT", info)["iou"]  # 504 px: no resize
+    1.0
+    >>> info["image_size"] = [1008, 1008]  # resized to 980x980: the model answers in that frame
+    >>> compute_score("slake", "<box>[281.0, 292.6, 297.5, 314.0]</box>", "CT", info)["iou"] > 0.99
+    True
+    >>> compute_score("slake", "<think>.</think><answer>ct</answer>", "CT", {"stream": "reasoning"})["score"]
+    1.5
+    """
+    info = dict(extra_info or {})
+    stream = info.get("stream", "reasoning")
+    if stream not in STREAMS:
+        raise ValueError(f"extra_info['stream'] must be one of {STREAMS}, got {stream!r}")
+    if stream == "grounding":
+        keys = ("w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "min_pixels", "max_pixels")
+        out = grounding_score(solution_str, info, **{k: kwargs[k] for k in keys if k in kwargs})
+    else:
+        out = reasoning_score(solution_str, ground_truth, info, **{k: kwargs[k] for k in ("w_fmt",) if k in kwargs})
+    return {k: _finite(v) for k, v in out.items()}

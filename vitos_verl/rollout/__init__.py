@@ -1,0 +1,1 @@
+"""Pruned rollouts: the vLLM plugin and the matching transformers-side inputs."""
