@@ -30,7 +30,7 @@ tiny: setup
 
 demo: data tiny
 	$(PY) -m vitos_verl.eval.pruned_check --model $(OUT)/models/tiny-qwen2.5-vl \
-		--data $(OUT)/data/slake/test.parquet --num 8
+		--data $(OUT)/data/slake/test.parquet --num 8 --max-new-tokens 4
 
 test: setup
 	$(PY) -m pytest -q

@@ -65,8 +65,14 @@ def run(model_dir: str, data: str, num: int, max_new_tokens: int, margin_cells: 
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = pq.read_table(data).slice(0, 4 * num).to_pylist()
-    rows = sorted(rows, key=lambda r: not r["extra_info"]["gt_boxes"])[:num]  # rows with boxes first
+    rows, seen = [], set()
+    for row in pq.read_table(data).to_pylist():  # one row per distinct image, rows with boxes first
+        path = row["images"][0]["path"]
+        if path not in seen and (row["extra_info"]["gt_boxes"] or len(rows) >= num // 2):
+            seen.add(path)
+            rows.append(row)
+        if len(rows) == num:
+            break
     results = []
     t0 = time.perf_counter()
     for row in rows:

@@ -1,0 +1,50 @@
+"""verl dataset extension: one pixel budget for data, vLLM and the actor.
+
+verl's ``RLHFDataset`` hands image parts to ``qwen_vl_utils.fetch_image``, which resizes with
+its own budget (4 to 16,384 cells) before the processor resizes again with the model's
+(``size.shortest_edge`` / ``size.longest_edge``). The two-stage result differs from the
+processor's own grid for about 1 image size in 5 at a 200k-pixel budget, and then boxes,
+keep masks and rewards would be computed on another grid than the model saw. This class
+puts the budget in every image part, so ``fetch_image`` resizes once, to exactly
+``vitos_verl.pruning.smart_resize(W, H, min_pixels, max_pixels)``, and the processor and
+vLLM leave the size alone.
+
+Config (``data.*``): ``min_pixels`` / ``max_pixels`` (default: the processor's).
+"""
+
+from __future__ import annotations
+
+from verl.utils.dataset.rl_dataset import RLHFDataset
+
+from vitos_verl.pruning import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+
+def processor_pixel_budget(processor) -> tuple[int, int]:
+    """``(min_pixels, max_pixels)`` the processor resizes to (transformers 5: ``size`` edges)."""
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None) or {}
+    lo = size.get("shortest_edge") or getattr(ip, "min_pixels", None) or DEFAULT_MIN_PIXELS
+    hi = size.get("longest_edge") or getattr(ip, "max_pixels", None) or DEFAULT_MAX_PIXELS
+    return int(lo), int(hi)
+
+
+class ViToSDataset(RLHFDataset):
+    """``RLHFDataset`` whose image parts carry the model's pixel budget (see module doc)."""
+
+    def __init__(self, data_files, tokenizer, config, processor=None, max_samples: int = -1):
+        lo, hi = processor_pixel_budget(processor) if processor is not None else (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+        self.min_pixels = int(config.get("min_pixels") or lo)
+        self.max_pixels = int(config.get("max_pixels") or hi)
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        super().__init__(data_files, tokenizer, config, processor, max_samples)
+
+    def _build_messages(self, example: dict, key: str):
+        messages = super()._build_messages(example, key)
+        for m in messages:
+            if isinstance(m.get("content"), list):
+                for part in m["content"]:
+                    if part.get("type") == "image":
+                        part.setdefault("min_pixels", self.min_pixels)
+                        part.setdefault("max_pixels", self.max_pixels)
+        return messages
