@@ -322,3 +322,41 @@ def mrope_position_ids(
     if chunks:
         out[:, valid] = torch.cat(chunks, dim=1)
     return out
+
+
+def encode_keep_mask(mask: torch.Tensor) -> str:
+    """Compact text form ``"<rows>x<cols>:<hex>"`` of a keep mask (row-major bits, MSB first).
+
+    It travels in vLLM's ``mm_processor_kwargs`` (which vLLM folds into its multimodal cache
+    keys), so requests whose boxes select the same cells share one key and one cached prefix.
+
+    >>> encode_keep_mask(torch.tensor([[True, False, False], [False, True, True]]))
+    '2x3:8c'
+    """
+    m = mask.to(torch.bool).cpu()
+    if m.dim() != 2:
+        raise ValueError(f"keep mask must be 2-D (rows, cols), got shape {tuple(m.shape)}")
+    bits = "".join("1" if b else "0" for b in m.flatten().tolist())
+    bits += "0" * (-len(bits) % 4)
+    return f"{m.shape[0]}x{m.shape[1]}:" + "".join(f"{int(bits[i:i + 4], 2):x}" for i in range(0, len(bits), 4))
+
+
+def decode_keep_mask(text: str) -> torch.Tensor:
+    """Inverse of :func:`encode_keep_mask`; bool ``(rows, cols)``.
+
+    Raises:
+        ValueError: malformed text, wrong length, or a mask that keeps no cell.
+    """
+    try:
+        shape, hexbits = str(text).split(":")
+        rows, cols = (int(v) for v in shape.split("x"))
+        bits = "".join(f"{int(c, 16):04b}" for c in hexbits)
+    except ValueError as e:
+        raise ValueError(f"malformed keep mask {text!r}: expected '<rows>x<cols>:<hex>'") from e
+    n = rows * cols
+    if rows <= 0 or cols <= 0 or len(hexbits) != (n + 3) // 4:
+        raise ValueError(f"keep mask {text!r}: {len(hexbits)} hex digits for a {rows}x{cols} grid")
+    mask = torch.tensor([c == "1" for c in bits[:n]], dtype=torch.bool).view(rows, cols)
+    if not bool(mask.any()):
+        raise ValueError(f"keep mask {text!r} keeps no cell")
+    return mask
