@@ -145,3 +145,31 @@ def test_positions_not_contiguous(llm, hf_model, cases):
     n = len(ids)
     wrong = lp[n - 1 : n - 1 + len(response)].gather(1, torch.tensor(response).unsqueeze(1)).squeeze(1)
     assert (vllm_lp - wrong).abs().max() > 1e-4
+
+
+def _vit_counts(llm) -> tuple[int, int]:
+    return llm.apply_model(lambda m: (m.vit_cache_hits, m.vit_cache_misses))[0]
+
+
+def test_one_vision_encoding_per_image_whatever_the_box(llm, cases):
+    """Different boxes on one image run the ViT once; each box still gets its own K tokens."""
+    from vllm import SamplingParams
+
+    from vitos_verl.pruning import box_to_keep_mask
+
+    case = cases[1]
+    rows, cols = case["mask"].shape
+    boxes = [[0, 0, 28 * cols / 2, 28 * rows / 2], [28, 28, 28 * cols, 28 * rows], [100, 60, 300, 200]]
+    masks = [box_to_keep_mask(b, (rows, cols)) for b in boxes]
+    assert len({encode_keep_mask(m) for m in masks}) == len(masks)
+    hits0, miss0 = _vit_counts(llm)
+    sp = SamplingParams(max_tokens=2, temperature=0.0)
+    # a fresh copy of the image with one pixel changed: a new image for every cache
+    image = case["image"].copy()
+    image.putpixel((0, 0), (1, 2, 3))
+    fresh = {**case, "image": image}
+    outs = llm.generate([_request(fresh, None)] + [_request(fresh, m) for m in masks], sp, use_tqdm=False)
+    assert [o.prompt_token_ids.count(IMAGE_PAD) for o in outs[1:]] == [int(m.sum()) for m in masks]
+    hits, miss = _vit_counts(llm)
+    assert miss - miss0 == 1, "the ViT ran more than once for one image"
+    assert hits - hits0 >= len(masks) - 1

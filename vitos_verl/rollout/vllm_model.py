@@ -137,7 +137,8 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     def _full_image_embeds(self, pixel_values: torch.Tensor, grid: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
         pix = pixel_values.split(grid.prod(-1).tolist())
         kb = [bytes(k.to("cpu").tolist()) for k in keys]
-        missing = [i for i, k in enumerate(kb) if k not in self._vit_cache]
+        first = {k: i for i, k in reversed(list(enumerate(kb)))}  # one ViT pass per distinct image in the batch
+        missing = sorted(i for k, i in first.items() if k not in self._vit_cache)
         self.vit_cache_hits += len(kb) - len(missing)
         self.vit_cache_misses += len(missing)
         if missing:
