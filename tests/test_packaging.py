@@ -6,8 +6,9 @@ CI has no Docker engine and no GPU; these checks keep the GPU path from drifting
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ The wording is this project's choice: the paper's prompts are not public.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
@@ -17,7 +17,7 @@ TEMPLATE_DIR = Path(__file__).with_name("templates")
 STREAMS = ("grounding", "reasoning")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(stream: str) -> jinja2.Template:
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
