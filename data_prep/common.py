@@ -15,6 +15,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,17 @@ class SplitReport:
     def skip(self, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
         self.examples.setdefault(reason, detail)
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Count a record that raises :class:`SkipRow` (its reason) or ``ValueError``
+        (``malformed_record``, e.g. ``make_row``'s checks) instead of crashing the run."""
+        try:
+            yield
+        except SkipRow as e:
+            self.skip(e.reason, str(e))
+        except ValueError as e:
+            self.skip("malformed_record", str(e))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -215,14 +227,12 @@ def infer_answer_type(answer: str) -> str:
     return "CLOSED" if str(answer).strip().lower() in ("yes", "no") else "OPEN"
 
 
-def convert_hf(
-    dataset: str, files: list[Path], split: str, report: SplitReport, images: ImageCache | None = None
-) -> list[dict[str, Any]]:
+def convert_hf(dataset: str, files: list[Path], split: str, report: SplitReport) -> list[dict[str, Any]]:
     """Rows of one split from the HF parquet layout (``image``, ``question``, ``answer``)."""
     rows = []
     for i, rec in enumerate(tqdm(hf_records(files), desc=f"{dataset}/{split}", unit="row", leave=False)):
         report.rows_in += 1
-        try:
+        with report.guard():
             q, a = rec.get("question"), rec.get("answer")
             if not isinstance(q, str) or not q.strip() or a is None or not str(a).strip():
                 raise SkipRow("empty_question_or_answer", f"row {i}")
@@ -245,8 +255,6 @@ def convert_hf(
                     record_id=str(rec.get("qid") or rec.get("id") or i),
                 )
             )
-        except SkipRow as e:
-            report.skip(e.reason, str(e))
     return rows
 
 

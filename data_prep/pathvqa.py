@@ -59,7 +59,7 @@ def convert_release(src: Path, split: str, args: argparse.Namespace, report: Spl
             report.notes["records_without_questions"] += 1
         for k, (q, lab) in enumerate(zip(questions, labels)):
             report.rows_in += 1
-            try:
+            with report.guard():
                 answer = _best_label(lab)
                 if not isinstance(q, str) or not q.strip() or not answer or not str(answer).strip():
                     raise SkipRow("empty_question_or_answer", f"{img_id}#{k}")
@@ -83,10 +83,6 @@ def convert_release(src: Path, split: str, args: argparse.Namespace, report: Spl
                         record_id=f"{img_id}#{k}",
                     )
                 )
-            except SkipRow as e:
-                report.skip(e.reason, str(e))
-            except ValueError as e:
-                report.skip("malformed_record", str(e))
     return rows
 
 

@@ -75,7 +75,7 @@ def convert_release(src: Path, split: str, args: argparse.Namespace, report: Spl
     rows = []
     for rec in tqdm(records, desc=f"slake/{split}", unit="row", leave=False):
         report.rows_in += 1
-        try:
+        with report.guard():
             if not isinstance(rec, dict) or not all(k in rec for k in ("img_name", "question", "answer")):
                 raise SkipRow("malformed_record", repr(rec)[:200])
             lang = rec.get("q_lang", "en")
@@ -118,10 +118,6 @@ def convert_release(src: Path, split: str, args: argparse.Namespace, report: Spl
                 )
             )
             report.notes[f"box_rule_{rule}"] += 1
-        except SkipRow as e:
-            report.skip(e.reason, str(e))
-        except ValueError as e:  # make_row's checks
-            report.skip("malformed_record", str(e))
     return rows
 
 

@@ -34,7 +34,7 @@ def convert_release(src: Path, split: str, args: argparse.Namespace, report: Spl
     rows = []
     for rec in tqdm(records, desc=f"vqa_rad/{split}", unit="row", leave=False):
         report.rows_in += 1
-        try:
+        with report.guard():
             if not isinstance(rec, dict) or not all(k in rec for k in ("image_name", "question", "answer")):
                 raise SkipRow("malformed_record", repr(rec)[:200])
             pt = str(rec.get("phrase_type", "")).strip()
@@ -61,10 +61,6 @@ def convert_release(src: Path, split: str, args: argparse.Namespace, report: Spl
                     record_id=str(rec.get("qid", "")),
                 )
             )
-        except SkipRow as e:
-            report.skip(e.reason, str(e))
-        except ValueError as e:
-            report.skip("malformed_record", str(e))
     return rows
 
 
