@@ -13,9 +13,10 @@ from PIL import Image
 from vitos_verl.pruning import (
     CELL,
     box_to_keep_mask,
+    decode_keep_mask,
+    encode_keep_mask,
     geometry_from_grid,
     image_geometry,
-    keep_cells_key,
     kept_token_indices,
     mrope_position_ids,
     vision_positions,
@@ -94,11 +95,12 @@ def test_keep_mask_margin_and_growth_order():
         box_to_keep_mask([0, float("nan"), 10, 10], (3, 3))
 
 
-def test_keep_cells_key_shares_equal_masks():
+def test_keep_mask_text_key_shares_equal_masks():
     a = box_to_keep_mask([30, 30, 50, 50], (10, 10))
     b = box_to_keep_mask([29, 29, 55, 55], (10, 10))  # same cell, other box
     c = box_to_keep_mask([30, 30, 80, 50], (10, 10))
-    assert keep_cells_key(a) == keep_cells_key(b) != keep_cells_key(c)
+    assert encode_keep_mask(a) == encode_keep_mask(b) != encode_keep_mask(c)
+    assert torch.equal(decode_keep_mask(encode_keep_mask(c)), c)
 
 
 def _hf_rope(model, input_ids, grid, attention_mask=None):

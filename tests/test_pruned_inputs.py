@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vitos_verl.eval.pruned_check import encode_row, greedy_pruned
-from vitos_verl.pruning import box_to_keep_mask, box_to_resized, geometry_from_grid
-from vitos_verl.rollout.pruned_inputs import prune_input_ids, pruned_position_ids
+from vitos_verl.pruning import box_to_keep_mask, box_to_resized, geometry_from_grid, mrope_position_ids
+from vitos_verl.rollout.pruned_inputs import prune_input_ids
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def test_full_mask_is_stock_and_pruned_has_k_tokens(slake_test_parquet, tiny_pro
         assert int((ids == model.config.image_token_id).sum()) == int(mask.sum()) < geom.num_tokens
         assert ids.shape[0] == enc["input_ids"].shape[1] - geom.num_tokens + int(mask.sum())
         # the text after the image keeps its unpruned positions
-        pos = pruned_position_ids(ids, enc["image_grid_thw"], [mask], model.config.image_token_id)
-        full_pos = pruned_position_ids(enc["input_ids"][0], enc["image_grid_thw"], [None], model.config.image_token_id)
+        pos = mrope_position_ids(ids, enc["image_grid_thw"], model.config.image_token_id, [mask])
+        full_pos = mrope_position_ids(enc["input_ids"][0], enc["image_grid_thw"], model.config.image_token_id, [None])
         assert torch.equal(pos[:, -5:], full_pos[:, -5:])
         _, pruned = greedy_pruned(model, enc, [mask], 1)
         assert (pruned - stock).abs().max() > 1e-6  # pruning changes the input

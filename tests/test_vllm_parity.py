@@ -16,8 +16,14 @@ import torch
 from PIL import Image
 
 from vitos_verl.data.prompts import to_content_list
-from vitos_verl.pruning import box_to_keep_mask, box_to_resized, encode_keep_mask, geometry_from_grid
-from vitos_verl.rollout.pruned_inputs import prune_input_ids, pruned_inputs_embeds, pruned_position_ids
+from vitos_verl.pruning import (
+    box_to_keep_mask,
+    box_to_resized,
+    encode_keep_mask,
+    geometry_from_grid,
+    mrope_position_ids,
+)
+from vitos_verl.rollout.pruned_inputs import prune_input_ids, pruned_inputs_embeds
 
 pytestmark = pytest.mark.vllm
 IMAGE_PAD = 151655
@@ -89,7 +95,7 @@ def _actor_logprobs(model, enc, mask, response: list[int]) -> torch.Tensor:
     """Log-probs of ``response`` under the transformers forward on the pruned prompt (teacher forcing)."""
     ids = prune_input_ids(enc["input_ids"][0], enc["image_grid_thw"], [mask], IMAGE_PAD)
     full = torch.cat([ids, torch.tensor(response)])
-    pos = pruned_position_ids(full, enc["image_grid_thw"], [mask], IMAGE_PAD)
+    pos = mrope_position_ids(full, enc["image_grid_thw"], IMAGE_PAD, [mask])
     embeds = pruned_inputs_embeds(model, full, enc["pixel_values"], enc["image_grid_thw"], [mask])
     logits = model(inputs_embeds=embeds, position_ids=pos.unsqueeze(1)).logits[0]
     lp = torch.log_softmax(logits.float(), -1)

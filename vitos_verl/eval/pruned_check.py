@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from vitos_verl.data.prompts import to_content_list
-from vitos_verl.pruning import box_to_keep_mask, box_to_resized, geometry_from_grid, keep_ratio
-from vitos_verl.rollout.pruned_inputs import prune_input_ids, pruned_inputs_embeds, pruned_position_ids
+from vitos_verl.pruning import box_to_keep_mask, box_to_resized, geometry_from_grid, keep_ratio, mrope_position_ids
+from vitos_verl.rewards.boxes import union_box
+from vitos_verl.rollout.pruned_inputs import prune_input_ids, pruned_inputs_embeds
 
 
 def encode_row(processor, row: dict[str, Any], stream: str = "reasoning") -> dict[str, Any]:
@@ -44,7 +45,7 @@ def greedy_pruned(model, enc, keep_masks, max_new_tokens: int) -> tuple[list[int
     """
     image_token_id = model.config.image_token_id
     ids = prune_input_ids(enc["input_ids"][0], enc["image_grid_thw"], keep_masks, image_token_id)
-    pos = pruned_position_ids(ids, enc["image_grid_thw"], keep_masks, image_token_id)
+    pos = mrope_position_ids(ids, enc["image_grid_thw"], image_token_id, keep_masks)
     embeds = pruned_inputs_embeds(model, ids, enc["pixel_values"], enc["image_grid_thw"], keep_masks)
     out, first = [], None
     for _ in range(max_new_tokens):
@@ -82,8 +83,7 @@ def run(model_dir: str, data: str, num: int, max_new_tokens: int, margin_cells: 
         gt = row["extra_info"]["gt_boxes"]
         box = None
         if gt:
-            boxes = [box_to_resized(b, geom) for b in gt]
-            box = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+            box = union_box([box_to_resized(b, geom) for b in gt])
         mask = box_to_keep_mask(box, geom.cell_grid, margin_cells, min_keep_ratio)
         # full mask == stock model: the identity check of the pruned path
         with torch.no_grad():

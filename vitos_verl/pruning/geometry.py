@@ -18,7 +18,6 @@ Frames and units
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -215,16 +214,6 @@ def kept_token_indices(mask: torch.Tensor) -> torch.Tensor:
         LLM visual tokens (the rows of the merged vision-encoder output).
     """
     return mask.flatten().nonzero(as_tuple=False).squeeze(1)
-
-
-def keep_cells_key(mask: torch.Tensor) -> str:
-    """Stable short hash of a keep mask: the cache key of a pruned prompt.
-
-    Boxes that select the same cells share one key (and so one cached prefix in vLLM).
-    """
-    m = mask.to(torch.bool).cpu()
-    head = f"{m.shape[0]}x{m.shape[1]}:".encode()
-    return hashlib.sha1(head + bytes(m.flatten().to(torch.uint8).tolist())).hexdigest()[:16]
 
 
 def vision_positions(grid_thw: Sequence[int], mask: torch.Tensor | None = None) -> torch.Tensor:

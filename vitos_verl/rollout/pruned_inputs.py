@@ -3,7 +3,7 @@
 The same cell maths as the vLLM plugin, from :mod:`vitos_verl.pruning`: a pruned prompt
 keeps ``K`` of an image's ``rows * cols`` ``<|image_pad|>`` tokens, their embeddings are the
 kept rows of the full-image vision-encoder output (raster order), and their M-RoPE
-positions are the original ``(t, h, w)``.
+positions are the original ``(t, h, w)`` (:func:`vitos_verl.pruning.mrope_position_ids`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vitos_verl.pruning import MERGE_SIZE, kept_token_indices, mrope_position_ids
+from vitos_verl.pruning import MERGE_SIZE, kept_token_indices
 
 
 def kept_rows(
@@ -66,17 +66,6 @@ def prune_input_ids(
         if mask is not None:
             keep[s : s + n] = mask.flatten().repeat(grid[0]).to(keep.device)
     return input_ids[keep]
-
-
-def pruned_position_ids(
-    input_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor,
-    keep_masks: Sequence[torch.Tensor | None],
-    image_token_id: int,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(3, L)`` M-RoPE ids of a pruned prompt (see :func:`vitos_verl.pruning.mrope_position_ids`)."""
-    return mrope_position_ids(input_ids, image_grid_thw, image_token_id, keep_masks, attention_mask)
 
 
 def pruned_inputs_embeds(
