@@ -349,3 +349,31 @@ def decode_keep_mask(text: str) -> torch.Tensor:
     if not bool(mask.any()):
         raise ValueError(f"keep mask {text!r} keeps no cell")
     return mask
+
+
+def mask_bounds(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    """Half-open cell rectangle ``(r0, r1, c0, c1)`` enclosing every kept cell.
+
+    Raises:
+        ValueError: the mask keeps no cell.
+    """
+    rows = mask.any(dim=1).nonzero().squeeze(1)
+    cols = mask.any(dim=0).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        raise ValueError("keep mask keeps no cell")
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def crop_box(mask: torch.Tensor, geom: ImageGeometry) -> tuple[int, int, int, int]:
+    """Crop of the original image covering the kept cells (crop mode, the cheap baseline).
+
+    The crop is the 28-px-aligned rectangle of the kept cells in the resized frame, mapped to
+    original pixels (rounded outwards, clipped to the image).
+
+    Returns:
+        ``(left, upper, right, lower)`` in original pixels, for ``PIL.Image.crop``.
+    """
+    r0, r1, c0, c1 = mask_bounds(mask)
+    x1, y1, x2, y2 = box_to_original([c0 * CELL, r0 * CELL, c1 * CELL, r1 * CELL], geom)
+    W, H = geom.orig_size
+    return max(0, math.floor(x1)), max(0, math.floor(y1)), min(W, math.ceil(x2)), min(H, math.ceil(y2))
