@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export VITOS_DATA := $(DATA)
 
-.PHONY: setup data tiny demo test test-slow lint clean
+.PHONY: setup data tiny demo test test-slow bench lint clean
 
 setup:
 	bash scripts/setup_cpu.sh
@@ -34,6 +34,9 @@ demo: data tiny
 
 test: setup
 	$(PY) -m pytest -q
+
+bench: data
+	$(PY) bench/rollout_pruning.py $(BENCH_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -68,25 +68,48 @@ def prune_input_ids(
     return input_ids[keep]
 
 
+def split_keep_mask(flat: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Per-image ``(rows, cols)`` masks from the flat concatenation carried in ``multi_modal_inputs``.
+
+    Args:
+        flat: bool ``(sum_i rows_i * cols_i,)`` (``vitos_keep_mask``), images in prompt order.
+        image_grid_thw: ``(num_images, 3)`` patches.
+
+    Raises:
+        ValueError: the mask length does not match the grids.
+    """
+    shapes = [(int(h) // MERGE_SIZE, int(w) // MERGE_SIZE) for _, h, w in image_grid_thw.tolist()]
+    sizes = [r * c for r, c in shapes]
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"vitos_keep_mask has {flat.numel()} cells, the images' grids have {sum(sizes)}")
+    return [m.view(shape).bool() for m, shape in zip(flat.flatten().split(sizes), shapes)]
+
+
 def pruned_inputs_embeds(
     model, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, keep_masks
 ) -> torch.Tensor:
-    """``(1, L, D)`` input embeddings of a pruned prompt for a transformers Qwen2.5-VL.
+    """``(B, L, D)`` input embeddings of pruned prompts for a transformers Qwen2.5-VL.
 
-    Runs the vision encoder on the full images, keeps the masked rows, and scatters them
-    into the token embeddings at the ``<|image_pad|>`` positions of ``input_ids`` (``(L,)``,
-    already pruned).
+    Runs the vision encoder once on the full images, keeps the masked rows, and scatters them
+    into the token embeddings at the ``<|image_pad|>`` positions of ``input_ids``
+    (``(L,)`` or ``(B, L)``, already pruned; images in row-major order of the batch).
+
+    Args:
+        model: ``Qwen2_5_VLForConditionalGeneration`` or its inner ``Qwen2_5_VLModel``.
+        pixel_values: ``(sum_i t*h*w, C)`` float, the processor's patches of the full images.
+        keep_masks: per image a bool ``(rows, cols)`` mask or None.
+
+    Raises:
+        ValueError: "Image features and image tokens do not match" when the number of
+            ``<|image_pad|>`` tokens differs from the kept rows.
     """
-    inner = model.model
-    feats = inner.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-    feats = getattr(feats, "pooler_output", feats)
-    if isinstance(feats, (tuple, list)):
-        feats = torch.cat(list(feats))
+    inner = model if hasattr(model, "visual") else model.model
+    ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+    out = inner.visual(pixel_values.type(inner.visual.dtype), grid_thw=image_grid_thw)
+    feats = getattr(out, "pooler_output", out)
     rows = kept_rows(feats, image_grid_thw, keep_masks)
-    embeds = inner.get_input_embeddings()(input_ids.unsqueeze(0))
-    where = (input_ids == model.config.image_token_id).unsqueeze(0)
+    embeds = inner.get_input_embeddings()(ids)
+    where = ids == inner.config.image_token_id
     if int(where.sum()) != rows.shape[0]:
         raise ValueError(f"Image features and image tokens do not match: {int(where.sum())} tokens, {rows.shape[0]} rows")
-    embeds = embeds.clone()
-    embeds[where] = rows.to(embeds.dtype)
-    return embeds
+    return embeds.masked_scatter(where.unsqueeze(-1).expand_as(embeds), rows.to(embeds.device, embeds.dtype))
