@@ -179,3 +179,26 @@ def test_one_vision_encoding_per_image_whatever_the_box(llm, cases):
     hits, miss = _vit_counts(llm)
     assert miss - miss0 == 1, "the ViT ran more than once for one image"
     assert hits - hits0 >= len(masks) - 1
+
+
+def test_verl_token_prompt_path(llm, cases, tiny_processor):
+    """verl's async server sends token ids with each image-pad run collapsed to one token
+    (``qwen2_5_vl_dedup_image_tokens``) plus ``mm_processor_kwargs``: the pruned path survives it."""
+    from verl.workers.rollout.utils import qwen2_5_vl_dedup_image_tokens
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    case = cases[1]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0, ignore_eos=True)
+    # the agent loop holds the pruned prompt's ids (K pads); verl collapses the run before sending
+    pruned_ids = prune_input_ids(case["enc"]["input_ids"][0], case["enc"]["image_grid_thw"], [case["mask"]], IMAGE_PAD)
+    collapsed = qwen2_5_vl_dedup_image_tokens(pruned_ids.tolist(), tiny_processor)
+    assert collapsed.count(IMAGE_PAD) == 1
+    token_req = TokensPrompt(
+        prompt_token_ids=collapsed,
+        multi_modal_data={"image": case["image"]},
+        mm_processor_kwargs={"vitos_keep": encode_keep_mask(case["mask"])},
+    )
+    via_tokens, via_text = llm.generate([token_req, _request(case, case["mask"])], sp, use_tqdm=False)
+    assert via_tokens.prompt_token_ids == pruned_ids.tolist() == via_text.prompt_token_ids
+    assert via_tokens.outputs[0].token_ids == via_text.outputs[0].token_ids
