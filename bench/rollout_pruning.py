@@ -13,7 +13,8 @@ answer length; decode = total - prefill. Arms:
 * ``crop k=0.5``: ``n`` different box crops of the original image (28-px aligned).
 
 ``prompts`` counts requests (a request with ``n`` samples is one prompt); ``computed`` and
-``cached`` are prompt tokens as vLLM reports them (``RequestOutput.num_cached_tokens``).
+``cached`` are prompt tokens prefilled and read from the prefix cache over every sample, from
+vLLM's engine counters (``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``).
 
 It prints one table, then the analytic ratio for Qwen2.5-VL-7B on an A100 and, last,
 ``keep_ratio=<r> prompt_token_ratio=<x> time_ratio=<y>`` for the 0.77 arm against ``full``.
@@ -128,6 +129,15 @@ def build_arms(cases, n: int, crop_keep: float, seed: int) -> dict[str, list[tup
     return arms
 
 
+def prefix_cache_counters(llm) -> tuple[int, int] | None:
+    """``(queried, hit)`` prompt tokens of vLLM's prefix cache so far (needs stats logging on)."""
+    try:
+        metrics = {m.name: m for m in llm.get_metrics()}
+        return int(metrics["vllm:prefix_cache_queries"].value), int(metrics["vllm:prefix_cache_hits"].value)
+    except (KeyError, AttributeError, AssertionError):
+        return None
+
+
 def run_arm(llm, requests, max_tokens: int) -> dict:
     """Time one arm from cold caches: prefill (1 token) and the full answer length.
 
@@ -146,9 +156,15 @@ def run_arm(llm, requests, max_tokens: int) -> dict:
         return time.perf_counter() - t0, outs, mem.peak
 
     t_prefill, _, _ = once(1)
+    before = prefix_cache_counters(llm)
     t_total, outs, peak = once(max_tokens)
+    after = prefix_cache_counters(llm)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
-    cached = sum(o.num_cached_tokens or 0 for o in outs)
+    if before is not None and after is not None:  # engine counters: every sample of every request
+        queried, cached = after[0] - before[0], after[1] - before[1]
+        prompt_tokens = queried
+    else:
+        cached = sum(o.num_cached_tokens or 0 for o in outs)
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
     samples = sum(len(o.outputs) for o in outs)
     return {
@@ -229,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=64,
         kv_cache_memory_bytes=4 << 30,
         seed=a.seed,
+        disable_log_stats=False,  # prefix-cache counters
     )
     arms = build_arms(cases, a.n, a.crop_keep, a.seed)
     for name in ("full", "pruned k=0.5"):  # warm-up: first-call costs (kernels, allocations) are not the arm's
