@@ -1,0 +1,97 @@
+"""The ``vitos`` block of the trainer config: the method's knobs, checked once at start-up.
+
+Defaults are this project's choices (the paper's values are not public); recipes override
+only what differs. Every invalid combination raises a ``ValueError`` that says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from vitos_verl.rewards.boxes import BOX_FORMATS
+from vitos_verl.trainer.streams import PRUNE_MODES, STREAM_ORDERS
+
+
+@dataclass(frozen=True)
+class ViToSConfig:
+    """ViToS settings (DESIGN.md section 1).
+
+    Attributes:
+        order: ``grounding_first`` | ``reasoning_first`` | ``joint`` (one summed loss: the ablation).
+        n_g: grounding samples (boxes) per question.
+        n_r: reasoning answers per box; each question gets ``n_g * n_r`` answers.
+        w_iou, w_fb, w_fmt, w_keep: reward weights (see :mod:`vitos_verl.rewards.score`);
+            ``w_fb = 0`` disables cross-feedback (ablation).
+        margin_cells: cells of dilation around a box.
+        min_keep_ratio: never keep fewer than this fraction of the visual tokens.
+        prune_mode: ``tokens`` (drop visual tokens) | ``crop`` (box crop) | ``none`` (full image).
+        box_format: frame the model's boxes are in: ``abs`` (resized pixels), ``norm1``, ``norm1000``.
+        iou_mode: ``best`` or ``union`` over several ground-truth boxes.
+    """
+
+    order: str = "grounding_first"
+    n_g: int = 4
+    n_r: int = 2
+    w_iou: float = 1.0
+    w_fb: float = 1.0
+    w_fmt: float = 0.5
+    w_keep: float = 0.0
+    margin_cells: int = 1
+    min_keep_ratio: float = 0.0
+    prune_mode: str = "tokens"
+    box_format: str = "abs"
+    iou_mode: str = "best"
+
+    def __post_init__(self) -> None:
+        if self.order not in STREAM_ORDERS:
+            raise ValueError(f"vitos.order={self.order!r}: choose one of {sorted(STREAM_ORDERS)}")
+        if self.prune_mode not in PRUNE_MODES:
+            raise ValueError(f"vitos.prune_mode={self.prune_mode!r}: choose one of {sorted(PRUNE_MODES)}")
+        if self.box_format not in BOX_FORMATS:
+            raise ValueError(f"vitos.box_format={self.box_format!r}: choose one of {BOX_FORMATS}")
+        if self.iou_mode not in ("best", "union"):
+            raise ValueError(f"vitos.iou_mode={self.iou_mode!r}: choose 'best' or 'union'")
+        if self.n_g < 2 or self.n_r < 1:
+            raise ValueError(
+                f"vitos.n_g={self.n_g} must be >= 2 and vitos.n_r={self.n_r} >= 1: GRPO normalises a question's "
+                "boxes within their group (and its n_g * n_r answers within theirs); a group of one has zero advantage"
+            )
+        if not 0.0 <= self.min_keep_ratio <= 1.0:
+            raise ValueError(f"vitos.min_keep_ratio={self.min_keep_ratio} must be in [0, 1]")
+        if self.margin_cells < 0:
+            raise ValueError(f"vitos.margin_cells={self.margin_cells} must be >= 0")
+        for name in ("w_iou", "w_fb", "w_fmt", "w_keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"vitos.{name}={getattr(self, name)} must be >= 0 (w_keep is subtracted)")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ViToSConfig:
+        """Build from a dict / OmegaConf node; unknown keys are an error (typos do not pass silently)."""
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown vitos config keys {unknown}; known: {sorted(known)}")
+        return cls(**cfg)
+
+    def reward_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`vitos_verl.rewards.compute_score` for this config."""
+        keys = ("w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio")
+        out = {k: v for k, v in asdict(self).items() if k in keys}
+        return {**out, "min_pixels": min_pixels, "max_pixels": max_pixels}
+
+    def check_batch(self, train_batch_size: int, ppo_mini_batch_size: int) -> None:
+        """Each update's mini-batches must hold whole GRPO groups of that stream.
+
+        Raises:
+            ValueError: ``ppo_mini_batch_size`` (questions) does not divide ``train_batch_size``.
+        """
+        if train_batch_size <= 0 or ppo_mini_batch_size <= 0:
+            raise ValueError("train_batch_size and ppo_mini_batch_size must be positive")
+        if train_batch_size % ppo_mini_batch_size:
+            raise ValueError(
+                f"data.train_batch_size={train_batch_size} must be a multiple of actor.ppo_mini_batch_size="
+                f"{ppo_mini_batch_size} (questions per mini-batch; each stream expands it by n_g or n_g*n_r)"
+            )

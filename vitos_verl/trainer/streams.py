@@ -1,0 +1,138 @@
+"""What varies between ViToS runs, as registries keyed by name: stream orders and prune modes,
+plus the cross-feedback that couples the two streams.
+
+* :data:`STREAM_ORDERS`: the policy updates of one step, each a tuple of streams whose samples
+  share one loss (``joint`` puts both in one update: the summed-loss ablation).
+* :data:`PRUNE_MODES`: how a grounding box becomes the reasoning stream's visual input.
+* :func:`cross_feedback`: the mean accuracy of the answers made from each box (the ``w_fb``
+  term of the grounding reward, DESIGN.md section 1, item 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitos_verl.pruning import (
+    ImageGeometry,
+    box_to_keep_mask,
+    crop_box,
+    encode_keep_mask,
+    keep_ratio,
+)
+
+STREAM_ORDERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "grounding_first": (("grounding",), ("reasoning",)),
+    "reasoning_first": (("reasoning",), ("grounding",)),
+    "joint": (("grounding", "reasoning"),),
+}
+
+
+def update_stages(order: str) -> tuple[tuple[str, ...], ...]:
+    """Policy updates of one training step, in order (e.g. ``(("grounding",), ("reasoning",))``).
+
+    Raises:
+        ValueError: unknown order.
+    """
+    if order not in STREAM_ORDERS:
+        raise ValueError(f"unknown stream order {order!r}; choose one of {sorted(STREAM_ORDERS)}")
+    return STREAM_ORDERS[order]
+
+
+@dataclass
+class ReasoningInput:
+    """The reasoning stream's visual input made from one grounding box.
+
+    Attributes:
+        image: the image the reasoning prompt carries (the original, or the crop).
+        keep_mask: bool ``(rows, cols)`` over the *original* image's cells (all True if unpruned).
+        mm_processor_kwargs: what the vLLM request carries (``{"vitos_keep": ...}`` for tokens).
+        keep_ratio: fraction of the original image's visual tokens the reasoning stream sees
+            (for crop: the crop's cells over the image's cells).
+    """
+
+    image: Image.Image
+    keep_mask: torch.Tensor
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    keep_ratio: float = 1.0
+
+
+PruneFn = Callable[[Image.Image, ImageGeometry, torch.Tensor], ReasoningInput]
+
+
+def _tokens(image: Image.Image, geom: ImageGeometry, mask: torch.Tensor) -> ReasoningInput:
+    return ReasoningInput(image, mask, {"vitos_keep": encode_keep_mask(mask)}, keep_ratio(mask))
+
+
+def _crop(image: Image.Image, geom: ImageGeometry, mask: torch.Tensor) -> ReasoningInput:
+    from vitos_verl.pruning import mask_bounds
+
+    r0, r1, c0, c1 = mask_bounds(mask)
+    rect = torch.zeros_like(mask)
+    rect[r0:r1, c0:c1] = True  # the crop sees the whole rectangle of the kept cells
+    return ReasoningInput(image.crop(crop_box(mask, geom)), rect, {}, keep_ratio(rect))
+
+
+def _none(image: Image.Image, geom: ImageGeometry, mask: torch.Tensor) -> ReasoningInput:
+    return ReasoningInput(image, torch.ones_like(mask), {}, 1.0)
+
+
+PRUNE_MODES: dict[str, PruneFn] = {"tokens": _tokens, "crop": _crop, "none": _none}
+
+
+def reasoning_input(
+    mode: str,
+    image: Image.Image,
+    geom: ImageGeometry,
+    box_resized: Sequence[float] | None,
+    margin_cells: int = 0,
+    min_keep_ratio: float = 0.0,
+) -> ReasoningInput:
+    """The reasoning input for one parsed box (None: unparseable, keep everything).
+
+    Args:
+        mode: a key of :data:`PRUNE_MODES`.
+        image: the original image (``geom.orig_size``).
+        box_resized: ``[x1, y1, x2, y2]`` in resized pixels, or None.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"unknown prune mode {mode!r}; choose one of {sorted(PRUNE_MODES)}")
+    mask = box_to_keep_mask(box_resized, geom.cell_grid, margin_cells, min_keep_ratio)
+    return PRUNE_MODES[mode](image, geom, mask)
+
+
+def cross_feedback(answer_acc: Sequence[float], answer_box: Sequence[int], n_boxes: int) -> np.ndarray:
+    """Mean accuracy of the reasoning answers made from each grounding box.
+
+    Args:
+        answer_acc: accuracy of each reasoning answer, ``(N_r,)`` floats in ``[0, 1]``.
+        answer_box: index of the grounding sample whose box each answer used, ``(N_r,)`` ints
+            in ``[0, n_boxes)``.
+        n_boxes: number of grounding samples.
+
+    Returns:
+        ``(n_boxes,)`` float64; a box with no answer gets 0 (no evidence it helped).
+
+    Raises:
+        ValueError: mismatched lengths or an index out of range.
+
+    >>> cross_feedback([1, 0, 1, 1], [0, 0, 1, 1], 3).tolist()
+    [0.5, 1.0, 0.0]
+    """
+    acc = np.asarray(answer_acc, dtype=np.float64)
+    idx = np.asarray(answer_box, dtype=np.int64)
+    if acc.shape != idx.shape:
+        raise ValueError(f"{acc.shape[0]} accuracies for {idx.shape[0]} box indices")
+    if idx.size and (idx.min() < 0 or idx.max() >= n_boxes):
+        raise ValueError(f"box index out of range [0, {n_boxes})")
+    total = np.bincount(idx, weights=acc, minlength=n_boxes)
+    count = np.bincount(idx, minlength=n_boxes)
+    return np.divide(total, count, out=np.zeros(n_boxes), where=count > 0)
