@@ -1,0 +1,1 @@
+"""verl platform plugins (the CPU platform for development machines and CI)."""

@@ -1,0 +1,148 @@
+"""A CPU platform for verl 0.9.1 (development machines and CI have no accelerator).
+
+verl has no CPU platform and falls back to 'nvidia'. This module registers one named
+``cpu`` with verl's ``PlatformRegistry``; it is imported in every process through this
+package's ``verl.plugins`` entry point (verl loads those at ``import verl``) and selected with
+``VERL_PLATFORM=cpu``. Devices are CPU tensors, collectives use gloo, Ray still schedules
+workers on the ``GPU`` resource (start Ray with fake GPUs: ``ray.init(num_gpus=N)``), memory
+and profiler calls are no-ops (DESIGN.md section 3).
+
+One verl habit needs a shim: it joins process-group backends as
+``"cpu:gloo,<device>:<backend>"``, which becomes ``"cpu:gloo,cpu:gloo"`` here and torch rejects
+the repeated device. :func:`install` (run on import when ``VERL_PLATFORM=cpu``) wraps
+``torch.distributed.init_process_group`` to drop the duplicate, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+from verl.plugin.platform.platform_base import PlatformBase
+from verl.plugin.platform.platform_manager import PlatformRegistry
+
+NAME = "cpu"
+
+
+@PlatformRegistry.register(platform=NAME)
+class PlatformCPU(PlatformBase):
+    """verl platform whose device is the CPU (gloo collectives, fake Ray GPUs)."""
+
+    @property
+    def device_name(self) -> str:
+        return "cpu"
+
+    @property
+    def vendor_name(self) -> str:
+        return "cpu"
+
+    @property
+    def device_module(self) -> ModuleType:
+        return torch.cpu
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_platform_available(self, use_smi_check: bool = False) -> bool:
+        # Never auto-detected: only an explicit VERL_PLATFORM=cpu selects it.
+        return False
+
+    def current_device(self) -> int:
+        return 0
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, device_index: int) -> None:
+        return None
+
+    def synchronize(self, device_index: int | None = None) -> None:
+        return None
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def set_allocator_settings(self, settings: str) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+    def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
+        return None, None
+
+    def communication_backend_name(self) -> str:
+        return "gloo"
+
+    def visible_devices_envvar(self) -> str:
+        return "CUDA_VISIBLE_DEVICES"  # what Ray sets for the (fake) GPU resource
+
+    @contextlib.contextmanager
+    def nvtx_range(self, msg: str):
+        yield
+
+    def profiler_start(self) -> None:
+        return None
+
+    def profiler_stop(self) -> None:
+        return None
+
+    def ray_resource_name(self) -> str:
+        return "GPU"
+
+    def ray_noset_envvars(self) -> list[str]:
+        return []
+
+    def is_ipc_supported(self) -> bool:
+        return False
+
+    def cudart(self) -> Any:
+        return None
+
+
+def dedupe_backend(backend: str | None) -> str | None:
+    """``"cpu:gloo,cpu:gloo"`` -> ``"cpu:gloo"``: keep the first backend per device.
+
+    >>> dedupe_backend("cpu:gloo,cpu:gloo")
+    'cpu:gloo'
+    >>> dedupe_backend("cpu:gloo,cuda:nccl")
+    'cpu:gloo,cuda:nccl'
+    """
+    if not backend or "," not in backend:
+        return backend
+    seen: dict[str, str] = {}
+    for part in backend.split(","):
+        device = part.split(":", 1)[0] if ":" in part else part
+        seen.setdefault(device, part)
+    return ",".join(seen.values())
+
+
+def install() -> None:
+    """Wrap ``torch.distributed.init_process_group`` to dedupe backends (idempotent)."""
+    import torch.distributed as dist
+
+    if getattr(dist.init_process_group, "_vitos_dedupe", False):
+        return
+    orig = dist.init_process_group
+
+    @functools.wraps(orig)
+    def init_process_group(*args, **kwargs):
+        if "backend" in kwargs:
+            kwargs["backend"] = dedupe_backend(kwargs["backend"])
+        elif args:
+            args = (dedupe_backend(args[0]), *args[1:])
+        return orig(*args, **kwargs)
+
+    init_process_group._vitos_dedupe = True
+    dist.init_process_group = init_process_group
+
+
+if os.environ.get("VERL_PLATFORM", "").strip().lower() == NAME:
+    install()
