@@ -28,6 +28,83 @@ from verl.plugin.platform.platform_manager import PlatformRegistry
 NAME = "cpu"
 
 
+class CpuDeviceIndex(str):
+    """What ``current_device()`` returns: ``"cpu"`` where verl passes it as a device
+    (``module.to(device=get_device_id())``: an int would mean ``cuda:<i>``), and ``"0"`` when
+    formatted into ``f"{get_device_name()}:{get_device_id()}"`` (giving ``"cpu:0"``).
+
+    >>> idx = CpuDeviceIndex("cpu")
+    >>> (str(torch.device(idx)), f"cpu:{idx}")
+    ('cpu', 'cpu:0')
+    """
+
+    def __format__(self, spec: str) -> str:
+        return format(0, spec)
+
+
+class _CpuDeviceModule(ModuleType):
+    """``torch.cpu`` plus the ``torch.cuda``-style calls verl makes on its device module
+    (memory statistics, RNG state, IPC) as CPU equivalents or no-ops."""
+
+    def __init__(self) -> None:
+        super().__init__("vitos_verl.platform.cpu_device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    def device_count() -> int:
+        return 1
+
+    @staticmethod
+    def set_device(device: Any) -> None:
+        return None
+
+    @staticmethod
+    def get_device_name(device: Any = None) -> str:
+        return "cpu"
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def ipc_collect() -> None:
+        return None
+
+    @staticmethod
+    def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
+        return None
+
+    @staticmethod
+    def memory_allocated(device: Any = None) -> int:
+        return 0
+
+    memory_reserved = max_memory_allocated = max_memory_reserved = memory_allocated
+
+    @staticmethod
+    def mem_get_info(device: Any = None) -> tuple[int, int]:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+
+    @staticmethod
+    def get_rng_state(device: Any = None) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state: torch.Tensor, device: Any = None) -> None:
+        torch.set_rng_state(state)
+
+
+CPU_DEVICE_MODULE = _CpuDeviceModule()
+
+
 @PlatformRegistry.register(platform=NAME)
 class PlatformCPU(PlatformBase):
     """verl platform whose device is the CPU (gloo collectives, fake Ray GPUs)."""
@@ -42,7 +119,7 @@ class PlatformCPU(PlatformBase):
 
     @property
     def device_module(self) -> ModuleType:
-        return torch.cpu
+        return CPU_DEVICE_MODULE
 
     def is_available(self) -> bool:
         return True
@@ -51,8 +128,8 @@ class PlatformCPU(PlatformBase):
         # Never auto-detected: only an explicit VERL_PLATFORM=cpu selects it.
         return False
 
-    def current_device(self) -> int:
-        return 0
+    def current_device(self) -> CpuDeviceIndex:  # type: ignore[override]
+        return CpuDeviceIndex("cpu")
 
     def device_count(self) -> int:
         return 1

@@ -7,17 +7,44 @@ model module is imported lazily by vLLM's registry (no vLLM model code at plugin
 
 from __future__ import annotations
 
+import os
+
 ARCH = "ViToSQwen2_5_VLForConditionalGeneration"
 
 
 def register() -> None:
-    """Register :data:`ARCH` with vLLM's ``ModelRegistry`` (idempotent)."""
+    """Register :data:`ARCH` with vLLM's ``ModelRegistry`` (idempotent).
+
+    Under verl's CPU platform (``VERL_PLATFORM=cpu``) it also keeps vLLM-CPU's Linear
+    weights in place (:func:`keep_cpu_linear_weights`) so verl can sync the policy into it.
+    """
     from vllm import ModelRegistry
 
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, f"vitos_verl.rollout.vllm_model:{ARCH}")
+    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu" or os.environ.get("VITOS_VLLM_KEEP_LINEAR_WEIGHTS") == "1":
+        keep_cpu_linear_weights()
 
 
-def hf_overrides() -> dict:
-    """``hf_overrides`` that select the pruning model for any Qwen2.5-VL checkpoint."""
-    return {"architectures": [ARCH]}
+def keep_cpu_linear_weights() -> None:
+    """Make vLLM-CPU run Linear layers with ``F.linear`` on their own ``weight`` (idempotent).
+
+    vLLM-CPU prepacks each Linear weight for oneDNN and replaces ``layer.weight`` with an
+    empty tensor, so verl's weight sync ("Attempted to load weight ... into parameter
+    torch.Size([0])") has nowhere to write the trained policy. CPU rollouts are for
+    development and CI, where the prepacked kernel's speed does not matter.
+    """
+    import torch
+    from vllm.model_executor.layers import utils
+
+    orig = utils.dispatch_cpu_unquantized_gemm
+    if getattr(orig, "_vitos_plain", False):
+        return
+
+    def dispatch_plain(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layer.weight.is_meta or layer.weight.ndim != 2:  # not a Linear: vLLM's own handling
+            return orig(layer, remove_weight)
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+
+    dispatch_plain._vitos_plain = True
+    utils.dispatch_cpu_unquantized_gemm = dispatch_plain  # linear.py imports it at call time
