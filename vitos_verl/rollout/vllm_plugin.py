@@ -48,3 +48,8 @@ def keep_cpu_linear_weights() -> None:
 
     dispatch_plain._vitos_plain = True
     utils.dispatch_cpu_unquantized_gemm = dispatch_plain  # linear.py imports it at call time
+
+
+def hf_overrides() -> dict:
+    """``hf_overrides`` that select the pruning model for any Qwen2.5-VL checkpoint."""
+    return {"architectures": [ARCH]}
