@@ -9,7 +9,10 @@ puts the budget in every image part, so ``fetch_image`` resizes once, to exactly
 ``vitos_verl.pruning.smart_resize(W, H, min_pixels, max_pixels)``, and the processor and
 vLLM leave the size alone.
 
-Config (``data.*``): ``min_pixels`` / ``max_pixels`` (default: the processor's).
+Config (``data.*``): ``min_pixels`` / ``max_pixels`` (default: the processor's);
+``reasoning_prompt_key`` (default ``reasoning_prompt``): the column of the reasoning stream's
+chat, returned as ``raw_reasoning_prompt`` next to verl's ``raw_prompt`` (the grounding chat)
+when the row has it, so one row feeds both streams of the dual-stream trainer.
 """
 
 from __future__ import annotations
@@ -37,7 +40,19 @@ class ViToSDataset(RLHFDataset):
         self.max_pixels = int(config.get("max_pixels") or hi)
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        self.reasoning_prompt_key = str(config.get("reasoning_prompt_key") or "reasoning_prompt")
         super().__init__(data_files, tokenizer, config, processor, max_samples)
+
+    def __getitem__(self, item):
+        row = self.dataframe[item]
+        reasoning = None
+        if row.get(self.reasoning_prompt_key) is not None and self.reasoning_prompt_key != self.prompt_key:
+            reasoning = self._build_messages(row, key=self.reasoning_prompt_key)
+        out = super().__getitem__(item)
+        out.pop(self.reasoning_prompt_key, None)
+        if reasoning is not None:
+            out["raw_reasoning_prompt"] = reasoning
+        return out
 
     def _build_messages(self, example: dict, key: str):
         messages = super()._build_messages(example, key)

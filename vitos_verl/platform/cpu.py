@@ -202,8 +202,22 @@ def dedupe_backend(backend: str | None) -> str | None:
 
 
 def install() -> None:
-    """Wrap ``torch.distributed.init_process_group`` to dedupe backends (idempotent)."""
+    """Wrap ``torch.distributed.init_process_group`` to dedupe backends, and make
+    ``Tensor.pin_memory`` a no-op without CUDA (idempotent).
+
+    Pinned host memory only matters for copies to an accelerator; verl's FSDP2 reference model
+    always uses ``CPUOffloadPolicy(pin_memory=True)``, which raises "Found no NVIDIA driver"
+    on a machine without one.
+    """
     import torch.distributed as dist
+
+    if not torch.cuda.is_available() and not getattr(torch.Tensor.pin_memory, "_vitos_noop", False):
+
+        def pin_memory(self, *args, **kwargs):
+            return self
+
+        pin_memory._vitos_noop = True
+        torch.Tensor.pin_memory = pin_memory
 
     if getattr(dist.init_process_group, "_vitos_dedupe", False):
         return

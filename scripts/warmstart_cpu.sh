@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Warm start of the CPU smoke policy (issue 4, item 6): the tiny random Qwen2.5-VL never emits a
+# parseable box or answer, so GRPO would see only zero rewards. This builds the tiny checkpoint at
+# the smoke pixel budget, the SFT parquet of both stream templates from the real training split,
+# runs verl's SFT trainer on the CPU platform (torchrun, 1 process) and exports the HF model the
+# smoke recipe trains. Cached: nothing runs when the exported model exists (FORCE=1 redoes it).
+#   bash scripts/warmstart_cpu.sh [hydra overrides for verl.trainer.sft_trainer...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=$(realpath -m "${OUT:-outputs}")
+MAX_PIXELS=${MAX_PIXELS:-200704}
+ROWS=${SFT_ROWS:-600}
+BASE=$OUT/models/tiny-qwen2.5-vl-200k
+DEST=$OUT/models/tiny-qwen2.5-vl-sft
+RUN=$OUT/runs/sft_warmstart_cpu
+if [[ -f $DEST/model.safetensors && ${FORCE:-0} != 1 ]]; then
+  echo "warmstart: cached $DEST (FORCE=1 to redo)"; exit 0
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda VERL_ENGINE_VENDOR=nvidia
+export VERL_FILE_LOGGER_PATH=$RUN/metrics.jsonl
+"$PY" -m vitos_verl.models.tiny --out "$BASE" --max-pixels "$MAX_PIXELS"
+"$PY" -m vitos_verl.data.sft --out "$OUT/data/sft/train.parquet" --max-pixels "$MAX_PIXELS" --limit "$ROWS" \
+  --inputs "$OUT/data/slake/train.parquet" "$OUT/data/vqa_rad/train.parquet"
+rm -rf "$RUN"; mkdir -p "$RUN"
+"$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 -m verl.trainer.sft_trainer \
+  --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
+  outputs_dir="$OUT" model.path="$BASE" "$@"
+HF=$(ls -d "$RUN"/global_step_*/huggingface | sort -V | tail -1)
+rm -rf "$DEST.tmp"; cp -r "$HF" "$DEST.tmp"
+# the processor files (pixel budget, chat template) come from the base checkpoint
+for f in processor_config.json preprocessor_config.json chat_template.jinja vitos_tiny.json; do
+  [[ -f $BASE/$f ]] && cp "$BASE/$f" "$DEST.tmp/"
+done
+rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"
+echo "warmstart: exported $DEST from $HF"

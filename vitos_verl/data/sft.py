@@ -1,0 +1,129 @@
+"""Warm-start (cold-start) SFT data: both stream templates with their target outputs.
+
+A random or general policy never emits a parseable box or answer, so every GRPO reward is
+zero and nothing is learned. This module turns the RL parquet of ``data_prep`` into verl's
+multi-turn SFT parquet (``messages`` + ``images``), read by ``verl.trainer.sft_trainer``:
+
+* grounding rows (only where the dataset has boxes): the grounding chat, answered with
+  ``<box>[x1, y1, x2, y2]</box>``: the union of the row's ground-truth boxes mapped into the
+  *resized* image's pixels (DESIGN.md section 1, item 1), rounded to integers;
+* reasoning rows (every row): the reasoning chat, answered with
+  ``<think>{a sentence from the row's metadata}</think><answer>{answer}</answer>``.
+
+Each image carries the RL run's pixel budget (``min_pixels`` / ``max_pixels``), so SFT and RL
+see the same grid.
+
+CLI::
+
+    python -m vitos_verl.data.sft --inputs outputs/data/slake/train.parquet \\
+        outputs/data/vqa_rad/train.parquet --out outputs/data/sft/train.parquet --max-pixels 200704
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vitos_verl.pruning import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, box_to_resized, image_geometry
+from vitos_verl.rewards.boxes import union_box
+
+
+def grounding_target(gt_boxes: Sequence[Sequence[float]], image_size: Sequence[int], min_pixels: int, max_pixels: int) -> str:
+    """``<box>[x1, y1, x2, y2]</box>`` of the union of ``gt_boxes`` (original pixels) in resized pixels.
+
+    >>> grounding_target([[289, 301, 306, 323]], [504, 504], 3136, 1003520)  # 504 px: no resize
+    '<box>[289, 301, 306, 323]</box>'
+
+    Raises:
+        ValueError: no box, or a malformed image size.
+    """
+    if not gt_boxes:
+        raise ValueError("no ground-truth box")
+    geom = image_geometry(int(image_size[0]), int(image_size[1]), min_pixels, max_pixels)
+    box = union_box([box_to_resized(b, geom) for b in gt_boxes])
+    return "<box>[" + ", ".join(str(int(round(v))) for v in box) + "]</box>"
+
+
+def reasoning_target(answer: str, extra_info: Mapping[str, Any]) -> str:
+    """``<think>..</think><answer>..</answer>``, the thought built from the row's metadata.
+
+    >>> reasoning_target("Yes", {"modality": "CT", "organ": "Lung"})
+    '<think>This is a CT image of the lung.</think><answer>Yes</answer>'
+    """
+    modality, organ = str(extra_info.get("modality") or "").strip(), str(extra_info.get("organ") or "").strip()
+    if modality and organ:
+        thought = f"This is a {modality} image of the {organ.lower()}."
+    elif modality or organ:
+        thought = f"This is a {modality or 'medical'} image{' of the ' + organ.lower() if organ else ''}."
+    else:
+        thought = "The answer follows from the image."
+    return f"<think>{thought}</think><answer>{answer}</answer>"
+
+
+def sft_rows(rows: Iterable[Mapping[str, Any]], min_pixels: int, max_pixels: int, skipped: Counter) -> list[dict]:
+    """verl multi-turn SFT rows (``messages``, ``images``, ``data_source``, ``stream``) of RL rows.
+
+    Rows with an empty answer are counted in ``skipped["empty_answer"]``; rows without boxes
+    give only a reasoning row (counted in ``skipped["grounding_no_box"]``).
+    """
+    out = []
+    for row in rows:
+        info = row.get("extra_info") or {}
+        images = [{"bytes": im["bytes"], "min_pixels": min_pixels, "max_pixels": max_pixels} for im in row["images"]]
+        answer = str((row.get("reward_model") or {}).get("ground_truth") or "").strip()
+        if not answer:
+            skipped["empty_answer"] += 1
+            continue
+        base = {"images": images, "data_source": row["data_source"]}
+        if info.get("gt_boxes"):
+            target = grounding_target(info["gt_boxes"], info["image_size"], min_pixels, max_pixels)
+            out.append({**base, "stream": "grounding", "messages": [*row["prompt"], {"role": "assistant", "content": target}]})
+        else:
+            skipped["grounding_no_box"] += 1
+        target = reasoning_target(answer, info)
+        out.append({**base, "stream": "reasoning", "messages": [*row["reasoning_prompt"], {"role": "assistant", "content": target}]})
+    return out
+
+
+def build(inputs: Sequence[str], out: str, min_pixels: int, max_pixels: int, limit: int = -1) -> dict[str, int]:
+    """Write the SFT parquet; returns row counts per stream and skip reason.
+
+    Raises:
+        FileNotFoundError: an input parquet is missing (run ``make data``).
+    """
+    rows: list[dict] = []
+    skipped: Counter = Counter()
+    for path in inputs:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: RL parquet not found (run `make data`)")
+        table = pq.read_table(path)
+        if limit > 0:
+            table = table.slice(0, limit)
+        rows += sft_rows(table.to_pylist(), min_pixels, max_pixels, skipped)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    counts = Counter(r["stream"] for r in rows)
+    return {**{f"rows_{k}": v for k, v in counts.items()}, **{f"skipped_{k}": v for k, v in skipped.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--inputs", nargs="+", required=True, help="RL parquet files from data_prep")
+    p.add_argument("--out", required=True)
+    p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--limit", type=int, default=-1, help="rows per input file (-1: all)")
+    a = p.parse_args(argv)
+    print(build(a.inputs, a.out, a.min_pixels, a.max_pixels, a.limit))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Driver-side steps of one ViToS training step that need no Ray: from grounding outputs to
+reasoning inputs, cross-feedback grounding rewards, and per-stream metrics.
+
+The trainer (:mod:`vitos_verl.trainer.ray_trainer`) calls these between verl's worker calls;
+they work on verl ``DataProto`` batches laid out by the agent loop (left-padded prompts of
+``prompt_length`` tokens, right-padded responses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitos_verl.pruning import encode_keep_mask, geometry_from_grid, image_geometry
+from vitos_verl.rewards.boxes import parse_boxes, union_box
+from vitos_verl.rewards.score import SCORE_KEYS, compute_score
+from vitos_verl.trainer.config import ViToSConfig
+from vitos_verl.trainer.streams import cross_feedback, reasoning_input
+
+STREAMS = ("grounding", "reasoning")
+
+
+def with_stream(extra_infos: Sequence[Mapping[str, Any] | None], stream: str, **more: Any) -> np.ndarray:
+    """Copies of the rows' ``extra_info`` dicts with ``stream`` (and ``more``) set; object array ``(N,)``."""
+    out = np.empty(len(extra_infos), dtype=object)
+    out[:] = [{**dict(e or {}), "stream": stream, **more} for e in extra_infos]
+    return out
+
+
+def resized_sizes(extra_infos: Sequence[Mapping[str, Any]], min_pixels: int, max_pixels: int) -> list[list[int]]:
+    """``[W, H]`` of each row's image after the processor's resize (from ``extra_info.image_size``).
+
+    Raises:
+        ValueError: a row without a valid ``image_size`` (the data-prep schema always has it).
+    """
+    out = []
+    for e in extra_infos:
+        size = (e or {}).get("image_size")
+        if size is None or len(size) != 2:
+            raise ValueError(f"extra_info.image_size missing or malformed: {size!r} (re-run data_prep)")
+        out.append(list(image_geometry(int(size[0]), int(size[1]), min_pixels, max_pixels).resized_size))
+    return out
+
+
+def image_of(messages: Sequence[Mapping[str, Any]]) -> Image.Image | None:
+    """The first image of a chat built by the dataset (``{"type": "image", "image": PIL}`` parts)."""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image" and isinstance(part.get("image"), Image.Image):
+                    return part["image"]
+    return None
+
+
+def replace_image(messages: Sequence[Mapping[str, Any]], image: Image.Image) -> list[dict]:
+    """A copy of ``messages`` whose image part shows ``image`` (the crop of ``prune_mode: crop``)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if isinstance(m.get("content"), list):
+            m["content"] = [
+                {k: v for k, v in p.items() if k not in ("bytes", "path")} | {"image": image}
+                if p.get("type") == "image"
+                else dict(p)
+                for p in m["content"]
+            ]
+        out.append(m)
+    return out
+
+
+@dataclass
+class ReasoningPlan:
+    """The reasoning stream's inputs made from a batch of grounding samples.
+
+    Attributes:
+        box_index: ``(N_r,)`` int, the grounding sample each reasoning sample's box came from.
+        raw_prompt: ``(N_r,)`` object, the reasoning chats (the crop replaces the image in crop mode).
+        vitos_keep: ``(N_r,)`` object, the encoded keep mask or ``""`` (full image) per sample.
+        keep_ratio: ``(N_r,)`` float, visual tokens the reasoning sample sees over the image's.
+        parsed: ``(N_g,)`` bool, whether each grounding output held a box.
+    """
+
+    box_index: np.ndarray
+    raw_prompt: np.ndarray
+    vitos_keep: np.ndarray
+    keep_ratio: np.ndarray
+    parsed: np.ndarray
+
+
+def plan_reasoning(
+    grounding_texts: Sequence[str],
+    grids: Sequence[Sequence[int]],
+    image_sizes: Sequence[Sequence[int]],
+    reasoning_chats: Sequence[Sequence[Mapping[str, Any]]],
+    cfg: ViToSConfig,
+    n_r: int | None = None,
+) -> ReasoningPlan:
+    """Boxes → keep masks → ``n_r`` reasoning inputs per grounding sample (DESIGN.md 1, items 2-3).
+
+    Args:
+        grounding_texts: ``N_g`` decoded grounding responses.
+        grids: ``N_g`` ``image_grid_thw`` rows ``(t, h, w)`` of the full image each sample saw.
+        image_sizes: ``N_g`` original ``(W, H)`` in pixels.
+        reasoning_chats: ``N_g`` reasoning chats (same image as the grounding prompt).
+        cfg: the ``vitos`` config (``prune_mode``, ``box_format``, ``margin_cells``, ``min_keep_ratio``).
+        n_r: answers per box (default ``cfg.n_r``; validation uses 1).
+
+    Returns:
+        A :class:`ReasoningPlan` of ``N_g * n_r`` samples, grouped by grounding sample.
+        An unparseable box keeps every visual token (DESIGN.md 1, item 2).
+
+    Raises:
+        ValueError: mismatched lengths, or a crop-mode chat without an image.
+    """
+    n_r = cfg.n_r if n_r is None else n_r
+    if not len(grounding_texts) == len(grids) == len(image_sizes) == len(reasoning_chats):
+        raise ValueError("grounding texts, grids, image sizes and reasoning chats must have one entry per sample")
+    idx, prompts, keeps, ratios, parsed = [], [], [], [], []
+    for i, (text, grid, size, chat) in enumerate(zip(grounding_texts, grids, image_sizes, reasoning_chats)):
+        geom = geometry_from_grid(grid, orig_size=(int(size[0]), int(size[1])))
+        boxes = parse_boxes(text, box_format=cfg.box_format, image_size=geom.resized_size)
+        box = union_box(boxes) if boxes else None
+        parsed.append(box is not None)
+        image = image_of(chat)
+        if image is None and cfg.prune_mode == "crop":
+            raise ValueError(f"sample {i}: crop mode needs the reasoning chat's image")
+        ri = reasoning_input(cfg.prune_mode, image, geom, box, cfg.margin_cells, cfg.min_keep_ratio)
+        keep = ri.mm_processor_kwargs.get("vitos_keep", "") if not bool(ri.keep_mask.all()) else ""
+        prompt = replace_image(chat, ri.image) if cfg.prune_mode == "crop" else chat
+        for _ in range(n_r):
+            idx.append(i)
+            prompts.append(prompt)
+            keeps.append(keep)
+            ratios.append(ri.keep_ratio)
+    raw = np.empty(len(prompts), dtype=object)
+    raw[:] = prompts
+    return ReasoningPlan(
+        np.asarray(idx, dtype=np.int64), raw, np.asarray(keeps, dtype=object), np.asarray(ratios), np.asarray(parsed)
+    )
+
+
+def last_token_scores(scores: Sequence[float], response_mask: torch.Tensor) -> torch.Tensor:
+    """verl's token-level reward layout: each score on its response's last valid token.
+
+    Args:
+        scores: ``(N,)`` floats.
+        response_mask: ``(N, T)`` 0/1.
+
+    Returns:
+        float32 ``(N, T)``; an empty response puts its score on token 0.
+    """
+    out = torch.zeros(response_mask.shape, dtype=torch.float32)
+    last = (response_mask.sum(-1) - 1).clamp(min=0).long()
+    out[torch.arange(len(out)), last] = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+    return out
+
+
+def grounding_rewards(
+    data_sources: Sequence[str],
+    texts: Sequence[str],
+    ground_truths: Sequence[str],
+    extra_infos: Sequence[Mapping[str, Any]],
+    answer_acc: Sequence[float],
+    box_index: Sequence[int],
+    reward_kwargs: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+    """Grounding rewards with cross-feedback (DESIGN.md 1, items 4-5).
+
+    The accuracy of the answers made from each box (:func:`cross_feedback`) goes into that
+    box's ``extra_info["feedback_acc"]``; :func:`vitos_verl.rewards.compute_score` does the
+    rest (IoU where the row has boxes, format, keep ratio), with the same ``reward_kwargs``
+    verl's reward loop uses for the reasoning stream.
+
+    Returns:
+        Every key of :data:`SCORE_KEYS` -> float64 ``(N_g,)``.
+    """
+    fb = cross_feedback(answer_acc, box_index, len(texts))
+    rows = [
+        compute_score(ds, t, gt, {**dict(e or {}), "stream": "grounding", "feedback_acc": float(f)}, **reward_kwargs)
+        for ds, t, gt, e, f in zip(data_sources, texts, ground_truths, extra_infos, fb)
+    ]
+    return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in SCORE_KEYS}
+
+
+def group_spread(scores: Sequence[float], uids: Sequence[str]) -> tuple[float, float]:
+    """``(mean within-group std, fraction of groups whose rewards vary)``: GRPO's signal.
+
+    A group whose samples all score the same has zero advantage and teaches nothing.
+    """
+    by: dict[str, list[float]] = {}
+    for s, u in zip(scores, uids):
+        by.setdefault(str(u), []).append(float(s))
+    stds = [float(np.std(v)) for v in by.values()]
+    return (float(np.mean(stds)) if stds else 0.0, float(np.mean([s > 1e-8 for s in stds])) if stds else 0.0)
+
+
+def stream_metrics(stream: str, scores: Mapping[str, Sequence[float]], uids, prompt_len, response_len) -> dict:
+    """Logged metrics of one stream: mean of every reward key, token counts, group spread."""
+    out = {f"{stream}/reward/{k}": float(np.mean(v)) for k, v in scores.items() if len(v)}
+    std, frac = group_spread(scores["score"], uids)
+    out[f"{stream}/reward/group_std"] = std
+    out[f"{stream}/reward/groups_varying"] = frac
+    p = np.asarray(prompt_len, dtype=np.float64)
+    r = np.asarray(response_len, dtype=np.float64)
+    out.update(
+        {
+            f"{stream}/prompt_tokens/mean": float(p.mean()),
+            f"{stream}/prompt_tokens/total": float(p.sum()),
+            f"{stream}/response_tokens/mean": float(r.mean()),
+            f"{stream}/response_tokens/total": float(r.sum()),
+            f"{stream}/samples": float(len(p)),
+        }
+    )
+    return out

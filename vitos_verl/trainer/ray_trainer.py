@@ -1,0 +1,383 @@
+"""The dual-stream GRPO trainer: verl's ``RayPPOTrainer`` with ViToS's training step.
+
+One step (DESIGN.md section 1, item 5), each stage timed as ``timing_s/<stage>``:
+
+1. ``gen_grounding``: ``n_g`` boxes per question on the full image (verl's agent loop, vLLM).
+2. ``prune``: each box becomes a keep mask (:func:`vitos_verl.trainer.dual_stream.plan_reasoning`).
+3. ``gen_reasoning``: ``n_r`` answers per box on the kept visual tokens (agent loop
+   ``vitos_pruned``; the vLLM plugin prunes the prompt).
+4. ``reward``: reasoning rewards from verl's reward loop (``compute_score``); grounding rewards
+   recomputed here with the answers' accuracy fed back into each box (``w_fb``).
+5. ``old_log_prob`` / ``ref``: both streams through the actor (and reference), on the same
+   pruned inputs the rollout saw.
+6. ``adv``: GRPO advantages normalised within each stream's groups (a question's ``n_g`` boxes;
+   its ``n_g * n_r`` answers).
+7. ``update_<stream>``: one actor update per entry of ``vitos.order`` (``grounding_first``:
+   grounding, then reasoning; ``joint``: one update on both, the summed-loss ablation).
+   Old log-probs of both streams are computed before the first update (the behaviour policy),
+   so the second update's PPO ratio corrects for the first update's change.
+8. ``update_weights`` to vLLM, ``save_checkpoint`` every ``trainer.save_freq``, two-pass
+   validation every ``trainer.test_freq``.
+
+Workers, resource pools, checkpointing (``trainer.resume_mode``), tracking and the dataloader
+state are verl's; only the step and validation are ViToS's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+from verl import DataProto
+from verl.protocol import pad_dataproto_to_divisor, unpad_dataproto
+from verl.trainer.ppo.core_algos import agg_loss
+from verl.trainer.ppo.metric_utils import compute_data_metrics
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage, compute_response_mask
+from verl.utils.debug import marked_timer
+from verl.utils.metric import reduce_metrics
+from verl.utils.tracking import Tracking
+
+from vitos_verl.rewards.score import SCORE_KEYS
+from vitos_verl.rollout.agent_loop import AGENT_NAME
+from vitos_verl.trainer.config import ViToSConfig
+from vitos_verl.trainer.dual_stream import (
+    grounding_rewards,
+    last_token_scores,
+    plan_reasoning,
+    resized_sizes,
+    stream_metrics,
+    with_stream,
+)
+from vitos_verl.trainer.streams import update_stages
+
+_META_KEYS = ("data_source", "reward_model", "extra_info", "uid")
+
+
+def _object_array(values) -> np.ndarray:
+    values = list(values)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+class ViToSRayTrainer(RayPPOTrainer):
+    """verl's PPO trainer whose step is ViToS's two streams (see module doc).
+
+    Config: verl's ``ppo_trainer`` plus the ``vitos`` block (:class:`ViToSConfig`);
+    ``actor_rollout_ref.rollout.n`` must equal ``vitos.n_g`` (verl sizes the actor's
+    mini-batches as ``ppo_mini_batch_size * rollout.n`` samples).
+
+    Raises:
+        ValueError: at construction, for an invalid ``vitos`` block, ``rollout.n != n_g``,
+            reward kwargs that differ from ``vitos`` (the reward loop and the driver would
+            score differently), or a dataset without the reasoning chat.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vitos = ViToSConfig.from_mapping(OmegaConf.to_container(self.config.vitos, resolve=True))
+        self.stages = update_stages(self.vitos.order)
+        rollout = self.config.actor_rollout_ref.rollout
+        if int(rollout.n) != self.vitos.n_g:
+            raise ValueError(f"actor_rollout_ref.rollout.n={rollout.n} must equal vitos.n_g={self.vitos.n_g}")
+        self.vitos.check_batch(int(self.config.data.train_batch_size), int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size))
+        self.min_pixels, self.max_pixels = int(self.train_dataset.min_pixels), int(self.train_dataset.max_pixels)
+        self.reward_kwargs = self.vitos.reward_kwargs(self.min_pixels, self.max_pixels)
+        configured = OmegaConf.to_container(self.config.reward.custom_reward_function.get("reward_kwargs") or {}, resolve=True)
+        diff = {k: (configured.get(k), v) for k, v in self.reward_kwargs.items() if configured.get(k) != v}
+        if diff:
+            raise ValueError(
+                "reward.custom_reward_function.reward_kwargs must equal the vitos block and the data pixel budget "
+                f"(the reward loop scores the reasoning stream, the driver the grounding one); differing (configured, "
+                f"expected): {diff}. Use the interpolations of vitos_trainer.yaml."
+            )
+
+    # ------------------------------------------------------------------ rollout
+    def _generate(self, gen: DataProto, timing: dict, name: str) -> DataProto:
+        pad_to = int(self.config.actor_rollout_ref.rollout.agent.num_workers)
+        padded, pad = pad_dataproto_to_divisor(gen, pad_to)
+        out = self.async_rollout_manager.generate_sequences(padded)
+        for k, v in out.meta_info.pop("timing", {}).items():
+            timing[f"{name}/{k}"] = v
+        return unpad_dataproto(out, pad_size=pad)
+
+    def _stream_input(self, raw_prompt, meta: dict[str, np.ndarray], vitos_keep, meta_info: dict) -> DataProto:
+        n = len(raw_prompt)
+        non_tensor = {
+            "raw_prompt": _object_array(raw_prompt),
+            "agent_name": np.array([AGENT_NAME] * n, dtype=object),
+            "vitos_keep": _object_array(vitos_keep),
+            "index": np.arange(n),
+            **meta,
+        }
+        return DataProto.from_dict(
+            tensors={"dummy_tensor": torch.zeros(n, 1, dtype=torch.uint8)}, non_tensors=non_tensor, meta_info=meta_info
+        )
+
+    def two_pass(self, batch: DataProto, timing: dict, n_g: int, n_r: int, validate: bool = False):
+        """Grounding rollout → prune → reasoning rollout (training and validation alike).
+
+        Args:
+            batch: dataloader rows (``raw_prompt`` = grounding chat, ``raw_reasoning_prompt``,
+                ``data_source``, ``reward_model``, ``extra_info``, ``uid``).
+
+        Returns:
+            ``(grounding, reasoning, plan)``: verl batches of ``B * n_g`` and ``B * n_g * n_r``
+            samples (rollout outputs united with the rows' reward fields; ``uid`` is the
+            question's in both) and the :class:`~vitos_verl.trainer.dual_stream.ReasoningPlan`.
+
+        Raises:
+            ValueError: rows without ``raw_reasoning_prompt`` (data not from ``data_prep``).
+        """
+        nt = batch.non_tensor_batch
+        if "raw_reasoning_prompt" not in nt:
+            raise ValueError("dataset rows need the reasoning chat (column reasoning_prompt; see data_prep)")
+        sizes = resized_sizes(nt["extra_info"], self.min_pixels, self.max_pixels)
+        info = [{**dict(e), "resized_size": s} for e, s in zip(nt["extra_info"], sizes)]
+        meta_info = {"global_steps": self.global_steps, "validate": validate}
+        if validate:
+            meta_info.update(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        rows = np.repeat(np.arange(len(batch)), n_g)
+        meta_g = {k: nt[k][rows] for k in _META_KEYS if k != "extra_info"}
+        meta_g["extra_info"] = with_stream([info[i] for i in rows], "grounding")
+        with marked_timer("gen_grounding", timing, color="red"):
+            g_in = self._stream_input(nt["raw_prompt"][rows], meta_g, [""] * len(rows), meta_info)
+            g_out = self._generate(g_in, timing, "gen_grounding")
+        g = g_out
+        g.non_tensor_batch.update(meta_g)
+
+        with marked_timer("prune", timing, color="yellow"):
+            texts = self._decode(g)
+            grids = [mm["image_grid_thw"][0].tolist() for mm in g.non_tensor_batch["multi_modal_inputs"]]
+            chats = nt["raw_reasoning_prompt"][rows]
+            plan = plan_reasoning(texts, grids, [info[i]["image_size"] for i in rows], chats, self.vitos, n_r=n_r)
+        r_rows = rows[plan.box_index]
+        meta_r = {k: nt[k][r_rows] for k in _META_KEYS if k != "extra_info"}
+        meta_r["extra_info"] = _object_array(
+            {**e, "keep_ratio": float(k)} for e, k in zip(with_stream([info[i] for i in r_rows], "reasoning"), plan.keep_ratio)
+        )
+        with marked_timer("gen_reasoning", timing, color="red"):
+            r_in = self._stream_input(plan.raw_prompt, meta_r, plan.vitos_keep, meta_info)
+            r = self._generate(r_in, timing, "gen_reasoning")
+        r.non_tensor_batch.update(meta_r)
+        r.non_tensor_batch["box_index"] = plan.box_index
+        r.non_tensor_batch["keep_ratio"] = plan.keep_ratio.astype(np.float64)
+        return g, r, plan
+
+    def _decode(self, b: DataProto) -> list[str]:
+        resp, mask = b.batch["responses"], b.batch["response_mask"].bool()
+        return self.tokenizer.batch_decode([ids[m] for ids, m in zip(resp, mask)], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ rewards
+    def _score_streams(self, g: DataProto, r: DataProto, plan) -> dict[str, dict[str, np.ndarray]]:
+        """Token-level scores of both streams (``token_level_scores`` / ``token_level_rewards``)."""
+        r_scores = {k: np.asarray(r.non_tensor_batch[k], dtype=np.float64) for k in SCORE_KEYS}
+        r.batch["token_level_scores"] = r.batch.pop("rm_scores").float()
+        nt = g.non_tensor_batch
+        g_scores = grounding_rewards(
+            nt["data_source"],
+            self._decode(g),
+            [rm.get("ground_truth", "") for rm in nt["reward_model"]],
+            nt["extra_info"],
+            r_scores["acc"],
+            plan.box_index,
+            self.reward_kwargs,
+        )
+        g.batch.pop("rm_scores", None)
+        g.batch["token_level_scores"] = last_token_scores(g_scores["score"], g.batch["response_mask"])
+        for k, v in g_scores.items():
+            nt[k] = v
+        for b in (g, r):
+            b.batch["token_level_rewards"] = b.batch["token_level_scores"]
+        return {"grounding": g_scores, "reasoning": r_scores}
+
+    # ------------------------------------------------------------------ actor
+    def _prepare(self, b: DataProto, metrics: dict, stream: str) -> DataProto:
+        if "response_mask" not in b.batch.keys():
+            b.batch["response_mask"] = compute_response_mask(b)
+        if self.config.trainer.balance_batch:
+            self._balance_batch(b, metrics=metrics, logging_prefix=f"{stream}/global_seqlen")
+        b.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
+        b.meta_info["global_token_num"] = torch.sum(b.batch["attention_mask"], dim=-1).tolist()
+        b.meta_info["images_seqlens"] = [
+            int(s) for mm in b.non_tensor_batch["multi_modal_inputs"] if "images_seqlens" in mm for s in mm["images_seqlens"].tolist()
+        ]
+        return b
+
+    def _log_probs(self, b: DataProto, metrics: dict, stream: str, timing: dict) -> DataProto:
+        with marked_timer(f"old_log_prob/{stream}", timing, color="blue"):
+            old, _ = self._compute_old_log_prob(b)
+            ent = agg_loss(
+                loss_mat=old.batch["entropys"],
+                loss_mask=b.batch["response_mask"],
+                loss_agg_mode=self.config.actor_rollout_ref.actor.loss_agg_mode,
+            )
+            metrics[f"{stream}/entropy"] = float(ent.detach().item())
+            old.batch.pop("entropys")
+            b = b.union(old)
+        if self.use_reference_policy:
+            with marked_timer(f"ref/{stream}", timing, color="olive"):
+                b = b.union(self._compute_ref_log_prob(b))
+        with marked_timer(f"adv/{stream}", timing, color="brown"):
+            b = compute_advantage(
+                b,
+                adv_estimator=self.config.algorithm.adv_estimator,
+                gamma=self.config.algorithm.gamma,
+                lam=self.config.algorithm.lam,
+                num_repeat=self.config.actor_rollout_ref.rollout.n,
+                norm_adv_by_std_in_grpo=self.config.algorithm.get("norm_adv_by_std_in_grpo", True),
+                config=self.config.algorithm,
+            )
+        return b
+
+    def _update(self, batches: dict[str, DataProto], metrics: dict, timing: dict) -> None:
+        for stage in self.stages:
+            name = "+".join(stage)
+            parts = [batches[s] for s in stage]
+            if len(parts) > 1:  # joint: one loss over both streams' samples
+                keys = set.intersection(*(set(p.non_tensor_batch) for p in parts))
+                tensor_keys = set.intersection(*(set(p.batch.keys()) for p in parts))
+                for p in parts:
+                    p.pop(batch_keys=list(set(p.batch.keys()) - tensor_keys), non_tensor_batch_keys=list(set(p.non_tensor_batch) - keys))
+                    p.meta_info.pop("images_seqlens", None)
+                    p.meta_info.pop("global_token_num", None)
+                b = DataProto.concat(parts)
+                b.meta_info["global_token_num"] = torch.sum(b.batch["attention_mask"], dim=-1).tolist()
+            else:
+                b = parts[0]
+            with marked_timer(f"update/{name}", timing, color="red"):
+                out = self._update_actor(b)
+            for k, v in reduce_metrics(out.meta_info["metrics"]).items():
+                metrics[k.replace("actor/", f"actor/{name}/", 1) if k.startswith("actor/") else f"{k}/{name}"] = v
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, batch_dict: dict) -> dict[str, Any]:
+        """One ViToS step on a dataloader batch; returns the metrics to log."""
+        metrics: dict[str, Any] = {}
+        timing: dict[str, float] = {}
+        batch = DataProto.from_single_dict(batch_dict)
+        batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
+        with marked_timer("step", timing):
+            g, r, plan = self.two_pass(batch, timing, self.vitos.n_g, self.vitos.n_r)
+            self.checkpoint_manager.sleep_replicas()
+            with marked_timer("reward", timing, color="yellow"):
+                scores = self._score_streams(g, r, plan)
+            streams = {"grounding": g, "reasoning": r}
+            for name, b in streams.items():
+                b = self._prepare(b, metrics, name)
+                metrics.update(
+                    stream_metrics(
+                        name,
+                        scores[name],
+                        b.non_tensor_batch["uid"],
+                        b.batch["attention_mask"][:, : b.batch["prompts"].shape[1]].sum(-1).tolist(),
+                        b.batch["response_mask"].sum(-1).tolist(),
+                    )
+                )
+                streams[name] = self._log_probs(b, metrics, name, timing)
+                metrics.update({f"{name}/{k}": v for k, v in compute_data_metrics(streams[name], use_critic=False).items()})
+            self._update(streams, metrics, timing)
+            is_last = self.global_steps >= self.total_training_steps
+            if self.config.trainer.save_freq > 0 and (is_last or self.global_steps % self.config.trainer.save_freq == 0):
+                with marked_timer("save_checkpoint", timing, color="green"):
+                    self._save_checkpoint()
+            with marked_timer("update_weights", timing, color="red"):
+                self.checkpoint_manager.update_weights(self.global_steps)
+        g_tok = metrics["grounding/prompt_tokens/mean"]
+        metrics["vitos/prompt_token_ratio"] = metrics["reasoning/prompt_tokens/mean"] / max(g_tok, 1.0)
+        metrics["vitos/keep_ratio"] = float(np.mean(plan.keep_ratio))
+        metrics["vitos/box_parsed"] = float(np.mean(plan.parsed))
+        metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        return metrics
+
+    def run_dir(self) -> Path:
+        """Where this run's logs go: the parent of ``trainer.default_local_dir`` (the checkpoints)."""
+        return Path(self.config.trainer.default_local_dir).absolute().parent
+
+    def _tracker(self) -> Tracking:
+        # verl's file backend opens its file with "wb" and the tensorboard one writes under the
+        # Ray worker's cwd: give both a per-launch place in the run dir, so a resumed run
+        # appends a new file instead of erasing the metrics of the steps before the checkpoint.
+        run_dir = self.run_dir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        os.environ.setdefault("VERL_FILE_LOGGER_PATH", str(run_dir / f"metrics-{stamp}.jsonl"))
+        os.environ.setdefault("TENSORBOARD_DIR", str(run_dir / "tensorboard"))
+        return Tracking(
+            project_name=self.config.trainer.project_name,
+            experiment_name=self.config.trainer.experiment_name,
+            default_backend=self.config.trainer.logger,
+            config=OmegaConf.to_container(self.config, resolve=True),
+        )
+
+    def fit(self):
+        """The training loop: resume, validate, then :meth:`train_step` until ``total_training_steps``."""
+        tracker = self._tracker()
+        self.global_steps = 0
+        self._load_checkpoint()
+        self.checkpoint_manager.update_weights(self.global_steps)
+        if self.config.trainer.get("val_before_train", True) and self.val_dataloader is not None:
+            tracker.log(data=self._validate(), step=self.global_steps)
+            if self.config.trainer.get("val_only", False):
+                return
+        start_epoch = self.global_steps // len(self.train_dataloader)
+        bar = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="ViToS steps")
+        self.global_steps += 1
+        for epoch in range(start_epoch, self.config.trainer.total_epochs):
+            for batch_dict in self.train_dataloader:
+                is_last = self.global_steps >= self.total_training_steps
+                metrics = self.train_step(batch_dict)
+                test_freq = self.config.trainer.test_freq
+                if test_freq > 0 and (is_last or self.global_steps % test_freq == 0):
+                    metrics.update(self._validate())
+                metrics.update({"training/global_step": self.global_steps, "training/epoch": epoch})
+                tracker.log(data=metrics, step=self.global_steps)
+                bar.update(1)
+                self.global_steps += 1
+                if is_last:
+                    bar.close()
+                    return
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, merged: bool = False) -> dict[str, float]:
+        """Two-pass inference on the val split (one box, one answer per question, ``val_kwargs``).
+
+        Returns ``val/<data_source>/acc``, ``val/<data_source>/iou`` (rows with boxes),
+        ``val/keep_ratio``, ``val/prompt_token_ratio`` and the other reward keys.
+        """
+        acc: dict[str, list[float]] = defaultdict(list)
+        timing: dict[str, float] = {}
+        n_rows = 0
+        for batch_dict in self.val_dataloader:
+            batch = DataProto.from_single_dict(batch_dict)
+            batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
+            g, r, plan = self.two_pass(batch, timing, 1, 1, validate=True)
+            n_rows += len(batch)
+            prompt_len = g.batch["prompts"].shape[1]
+            g_tok = g.batch["attention_mask"][:, :prompt_len].sum(-1).double()
+            r_tok = r.batch["attention_mask"][:, :prompt_len].sum(-1).double()
+            for i, ds in enumerate(r.non_tensor_batch["data_source"]):
+                for k in ("acc", "f1", "format"):
+                    acc[f"val/{ds}/{k}"].append(float(r.non_tensor_batch[k][i]))
+                acc[f"val/{ds}/keep_ratio"].append(float(plan.keep_ratio[i]))
+                if g.non_tensor_batch["has_gt_box"][i]:
+                    acc[f"val/{ds}/iou"].append(float(g.non_tensor_batch["iou"][i]))
+                acc["val/acc"].append(float(r.non_tensor_batch["acc"][i]))
+                acc["val/keep_ratio"].append(float(plan.keep_ratio[i]))
+                acc["val/box_parsed"].append(float(plan.parsed[i]))
+                acc["val/grounding/prompt_tokens"].append(float(g_tok[i]))
+                acc["val/reasoning/prompt_tokens"].append(float(r_tok[i]))
+        out = {k: float(np.mean(v)) for k, v in acc.items()}
+        if n_rows:
+            out["val/prompt_token_ratio"] = out["val/reasoning/prompt_tokens"] / max(out["val/grounding/prompt_tokens"], 1.0)
+            out["val/rows"] = float(n_rows)
+        out.update({f"timing_s/val/{k}": v for k, v in timing.items()})
+        return out
