@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=$(realpath -m "${OUT:-outputs}")
-MAX_PIXELS=${MAX_PIXELS:-200704}
+MAX_PIXELS=${MAX_PIXELS:-78400}
 ROWS=${SFT_ROWS:-600}
 BASE=$OUT/models/tiny-qwen2.5-vl-200k
 DEST=$OUT/models/tiny-qwen2.5-vl-sft

@@ -21,8 +21,8 @@ from vitos_verl.pruning import (
 )
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.dual_stream import (
-    group_spread,
     grounding_rewards,
+    group_spread,
     last_token_scores,
     plan_reasoning,
     replace_image,
@@ -140,12 +140,11 @@ def test_agent_loop_worker_rebuilds_pruned_inputs(ds, tiny_ckpt):
     """verl's post-processing, through our worker, gives the actor the rollout's pruned sequence:
     pruned ids, the full image's pixels, the keep mask, and the original M-RoPE positions."""
     from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, AgentLoopWorker
+    from verl.utils.tokenizer.tokenizer import hf_processor
 
     from vitos_verl.rollout.actor_patch import KEEP_KEY
     from vitos_verl.rollout.agent_loop import ViToSAgentLoopWorker
     from vitos_verl.rollout.pruned_inputs import prune_input_ids
-
-    from verl.utils.tokenizer.tokenizer import hf_processor
 
     tiny_processor = hf_processor(str(tiny_ckpt))  # verl's: get_rope_index bound, as in its workers
     worker = object.__new__(ViToSAgentLoopWorker)

@@ -60,3 +60,11 @@ def test_installed_versions_match_pins():
     for name in ("verl", "transformers", "ray", "pyarrow", "torch", "torchvision"):
         assert version(name).split("+")[0] == py[name], name
     assert version("vllm") == py["vllm"] + "+cpu"
+
+
+def test_recipe_versions_match_pins():
+    """recipes/REQUIRED_VERSIONS.txt (what the recipes were run with) matches the GPU stack."""
+    req, gpu = pins(ROOT / "recipes/REQUIRED_VERSIONS.txt"), pins(ROOT / "requirements/gpu.txt")
+    assert set(req) == {"verl", "vllm", "transformers", "ray"}
+    for name, v in req.items():
+        assert gpu[name] == v, (name, v, gpu.get(name))

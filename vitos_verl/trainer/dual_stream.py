@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitos_verl.pruning import encode_keep_mask, geometry_from_grid, image_geometry
+from vitos_verl.pruning import geometry_from_grid, image_geometry
 from vitos_verl.rewards.boxes import parse_boxes, union_box
 from vitos_verl.rewards.score import SCORE_KEYS, compute_score
 from vitos_verl.trainer.config import ViToSConfig
