@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,15 +48,16 @@ def outputs(data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A local Ray head with the smoke recipe's resources (16 CPUs, 1 GPU slot for the colocated worker)."""
-    tmp = tmp_path_factory.mktemp("ray")
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     port = 8265 + os.getpid() % 500
     _run([str(BIN / "ray"), "start", "--head", "--num-cpus", "16", "--num-gpus", "1", "--dashboard-port", str(port),
-          "--temp-dir", str(tmp), "--include-dashboard", "true", "--disable-usage-stats"], env, 300)
+          "--temp-dir", tmp, "--include-dashboard", "true", "--disable-usage-stats"], env, 300)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _submit(address, outputs, args, env, wait=True):

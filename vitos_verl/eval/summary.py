@@ -38,6 +38,17 @@ STEP_COLUMNS = [
 ]
 
 
+# the trainer's stages in step order (vitos_verl.trainer.ray_trainer)
+STAGES = [
+    f"timing_s/{s}"
+    for s in (
+        "gen_grounding", "prune", "gen_reasoning", "reward", "old_log_prob/grounding", "ref/grounding",
+        "adv/grounding", "old_log_prob/reasoning", "ref/reasoning", "adv/reasoning", "update/grounding",
+        "update/reasoning", "update/grounding+reasoning", "save_checkpoint", "update_weights", "step",
+    )
+]
+
+
 def load(run_dir: str | Path) -> dict[int, dict[str, float]]:
     """Metrics per step, later launches overriding earlier ones for the same step.
 
@@ -69,7 +80,7 @@ def render(steps: dict[int, dict[str, float]]) -> str:
     lines = ["step | " + " | ".join(n for n, _ in cols)]
     for s in sorted(train):
         lines.append(f"{s} | " + " | ".join(_fmt(train[s].get(k)) for _, k in cols))
-    stages = sorted({k for m in train.values() for k in m if k.startswith("timing_s/") and "/" not in k[len("timing_s/"):]})
+    stages = [k for k in STAGES if any(k in m for m in train.values())]
     if stages:
         lines += ["", "time per stage (s): step | " + " | ".join(k[len("timing_s/"):] for k in stages)]
         for s in sorted(train):
