@@ -328,6 +328,12 @@ class ViToSRayTrainer(RayPPOTrainer):
             tracker.log(data=self._validate(), step=self.global_steps)
             if self.config.trainer.get("val_only", False):
                 return
+        if self.global_steps >= self.total_training_steps:
+            print(
+                f"ViToS: checkpoint at step {self.global_steps} already reaches trainer.total_training_steps="
+                f"{self.total_training_steps}; raise it to continue training"
+            )
+            return
         start_epoch = self.global_steps // len(self.train_dataloader)
         bar = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="ViToS steps")
         self.global_steps += 1
