@@ -44,14 +44,8 @@ class ViToSDataset(RLHFDataset):
         super().__init__(data_files, tokenizer, config, processor, max_samples)
 
     def __getitem__(self, item):
-        row = self.dataframe[item]
-        reasoning = None
-        if row.get(self.reasoning_prompt_key) is not None and self.reasoning_prompt_key != self.prompt_key:
-            reasoning = self._build_messages(row, key=self.reasoning_prompt_key)
         out = super().__getitem__(item)
         out.pop(self.reasoning_prompt_key, None)
-        if reasoning is not None:
-            out["raw_reasoning_prompt"] = reasoning
         return out
 
     def _build_messages(self, example: dict, key: str):
@@ -62,4 +56,7 @@ class ViToSDataset(RLHFDataset):
                     if part.get("type") == "image":
                         part.setdefault("min_pixels", self.min_pixels)
                         part.setdefault("max_pixels", self.max_pixels)
+        # the reasoning chat rides along with verl's raw_prompt, from the same row
+        if key == self.prompt_key != self.reasoning_prompt_key and example.get(self.reasoning_prompt_key) is not None:
+            example["raw_reasoning_prompt"] = self._build_messages(example, self.reasoning_prompt_key)
         return messages

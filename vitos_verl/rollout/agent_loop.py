@@ -27,6 +27,7 @@ import ray
 import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopManager, AgentLoopWorker, register
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+from verl.utils.tokenizer.tokenizer import get_processor_token_id
 
 from vitos_verl.pruning import MERGE_SIZE, decode_keep_mask, mrope_position_ids
 from vitos_verl.rollout.actor_patch import KEEP_KEY
@@ -34,11 +35,6 @@ from vitos_verl.rollout.pruned_inputs import prune_input_ids
 
 AGENT_NAME = "vitos_pruned"
 KEEP_KWARG = "vitos_keep"
-
-
-def _image_token_id(processor) -> int:
-    tok = getattr(processor, "tokenizer", processor)
-    return int(tok.convert_tokens_to_ids("<|image_pad|>"))
 
 
 @register(AGENT_NAME)
@@ -64,7 +60,7 @@ class PrunedAgentLoop(SingleTurnAgentLoop):
                 raise ValueError(f"visual-token pruning needs exactly one image per prompt, got {len(images)}")
             grid = torch.tensor([[1, mask.shape[0] * MERGE_SIZE, mask.shape[1] * MERGE_SIZE]])
             ids = torch.tensor(output.prompt_ids, dtype=torch.long)
-            output.prompt_ids = prune_input_ids(ids, grid, [mask], _image_token_id(self.processor)).tolist()
+            output.prompt_ids = prune_input_ids(ids, grid, [mask], get_processor_token_id(self.processor, "image")).tolist()
         return output
 
     def _get_mm_processor_kwargs(self, audio_data=None) -> dict[str, Any]:
@@ -105,7 +101,7 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
 
         grid = multi_modal_inputs["image_grid_thw"]
         masks = split_keep_mask(flat, grid)
-        vision = mrope_position_ids(input_ids[0], grid, _image_token_id(self.processor), masks, attention_mask[0])
+        vision = mrope_position_ids(input_ids[0], grid, get_processor_token_id(self.processor, "image"), masks, attention_mask[0])
         valid = attention_mask[0].bool()
         text = torch.ones((1, input_ids.shape[1]), dtype=torch.long)
         text[0, valid] = torch.arange(int(valid.sum()))

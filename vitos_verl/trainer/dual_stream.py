@@ -22,8 +22,6 @@ from vitos_verl.rewards.score import SCORE_KEYS, compute_score
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.streams import cross_feedback, reasoning_input
 
-STREAMS = ("grounding", "reasoning")
-
 
 def with_stream(extra_infos: Sequence[Mapping[str, Any] | None], stream: str, **more: Any) -> np.ndarray:
     """Copies of the rows' ``extra_info`` dicts with ``stream`` (and ``more``) set; object array ``(N,)``."""
@@ -84,6 +82,7 @@ class ReasoningPlan:
         vitos_keep: ``(N_r,)`` object, the encoded keep mask or ``""`` (full image) per sample.
         keep_ratio: ``(N_r,)`` float, visual tokens the reasoning sample sees over the image's.
         parsed: ``(N_g,)`` bool, whether each grounding output held a box.
+        grounding_texts: the ``N_g`` decoded grounding responses the boxes came from.
     """
 
     box_index: np.ndarray
@@ -91,6 +90,7 @@ class ReasoningPlan:
     vitos_keep: np.ndarray
     keep_ratio: np.ndarray
     parsed: np.ndarray
+    grounding_texts: list[str]
 
 
 def plan_reasoning(
@@ -141,7 +141,12 @@ def plan_reasoning(
     raw = np.empty(len(prompts), dtype=object)
     raw[:] = prompts
     return ReasoningPlan(
-        np.asarray(idx, dtype=np.int64), raw, np.asarray(keeps, dtype=object), np.asarray(ratios), np.asarray(parsed)
+        np.asarray(idx, dtype=np.int64),
+        raw,
+        np.asarray(keeps, dtype=object),
+        np.asarray(ratios),
+        np.asarray(parsed),
+        list(grounding_texts),
     )
 
 

@@ -184,7 +184,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         nt = g.non_tensor_batch
         g_scores = grounding_rewards(
             nt["data_source"],
-            self._decode(g),
+            plan.grounding_texts,
             [rm.get("ground_truth", "") for rm in nt["reward_model"]],
             nt["extra_info"],
             r_scores["acc"],
