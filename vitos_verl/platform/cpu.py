@@ -25,6 +25,8 @@ import torch
 from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
+from vitos_verl.platform.precision import register_resolver
+
 NAME = "cpu"
 
 
@@ -234,6 +236,10 @@ def install() -> None:
     init_process_group._vitos_dedupe = True
     dist.init_process_group = init_process_group
 
+
+# The CPU recipes' ``${vitos_cpu_dtype:}`` must resolve in every verl entry point (the SFT
+# trainer too), and this module is what verl imports from this package at ``import verl``.
+register_resolver()
 
 if os.environ.get("VERL_PLATFORM", "").strip().lower() == NAME:
     install()

@@ -15,23 +15,42 @@ log-probs on other inputs than the ones vLLM sampled from. This module closes th
   with :func:`vitos_verl.pruning.mrope_position_ids`, the same function the vLLM plugin uses.
   Every sample of both streams has the key, so micro-batches mixing streams (``order: joint``)
   concatenate cleanly.
+  The worker also fences each sample: an exception in one sample's agent loop (the rollout, or
+  the reward loop's call) is logged with the sample's index and replaced by a placeholder
+  flagged as failed (:mod:`vitos_verl.trainer.faults`), so the step goes on without it.
 * :class:`ViToSAgentLoopManager`: verl's manager with that worker; selected with
   ``actor_rollout_ref.rollout.agent.agent_loop_manager_class``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import hydra
 import ray
 import torch
-from verl.experimental.agent_loop.agent_loop import AgentLoopManager, AgentLoopWorker, register
+from verl.experimental.agent_loop.agent_loop import (
+    AgentLoopManager,
+    AgentLoopMetrics,
+    AgentLoopOutput,
+    AgentLoopWorker,
+    DictConfigWrap,
+    ToolListWrap,
+    _agent_loop_registry,
+    register,
+)
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 from verl.utils.tokenizer.tokenizer import get_processor_token_id
+from verl.workers.rollout.replica import TokenOutput
 
 from vitos_verl.pruning import MERGE_SIZE, decode_keep_mask, mrope_position_ids
+from vitos_verl.rewards.guard import GUARDED_KEYS
 from vitos_verl.rollout.actor_patch import KEEP_KEY
 from vitos_verl.rollout.pruned_inputs import prune_input_ids
+from vitos_verl.trainer.faults import ERROR_KEY, FAILED_KEY, FAULT_KEY
+
+logger = logging.getLogger(__name__)
 
 AGENT_NAME = "vitos_pruned"
 KEEP_KWARG = "vitos_keep"
@@ -70,8 +89,24 @@ class PrunedAgentLoop(SingleTurnAgentLoop):
         return kwargs
 
 
+class RewardLoopError(RuntimeError):
+    """The reward loop's call for a sample raised (its cause is the original exception)."""
+
+
+class _OneTokenServer:
+    """Stands in for the LLM server while a failed sample's placeholder is built: answers one token."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+
+    async def generate(self, *, sampling_params: dict[str, Any], **_: Any) -> TokenOutput:
+        logprobs = [0.0] if sampling_params.get("logprobs") else None
+        return TokenOutput(token_ids=[self.token_id], log_probs=logprobs, stop_reason="aborted")
+
+
 class ViToSAgentLoopWorker(AgentLoopWorker):
-    """verl's agent-loop worker whose post-processing knows pruned prompts (module doc)."""
+    """verl's agent-loop worker whose post-processing knows pruned prompts and whose failed
+    samples become flagged placeholders instead of ending the step (module doc)."""
 
     def _compute_multi_modal_inputs(self, output, input_ids) -> dict[str, torch.Tensor]:
         mm_kwargs = dict(output.mm_processor_kwargs or {})
@@ -106,6 +141,96 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         text = torch.ones((1, input_ids.shape[1]), dtype=torch.long)
         text[0, valid] = torch.arange(int(valid.sum()))
         return torch.cat([text.unsqueeze(0), vision.unsqueeze(0)], dim=1)  # (1, 4, L), verl's layout
+
+    # ---------------------------------------------------------------- failed samples
+    # verl 0.9.1 private hook: AgentLoopWorker.generate_sequences awaits one _run_agent_loop per
+    # sample under a plain asyncio.gather, so one sample's exception ended the whole step.
+    async def _run_agent_loop(self, sampling_params, trajectory, *, agent_name, trace=True, **kwargs):
+        """verl's per-sample agent loop; an ``Exception`` becomes a failed placeholder.
+
+        Every output gets the non-tensor columns :data:`FAILED_KEY` (0/1), :data:`FAULT_KEY`
+        (``""``, ``"rollout"`` or ``"reward"``) and :data:`ERROR_KEY` (``"<type>: <message>"``).
+        The placeholder (:meth:`_placeholder`) has the sample's prompt, a one-token response whose
+        ``response_mask`` is 0, and a reward of 0. Cancellation (``BaseException``) is not caught.
+        """
+        try:
+            out = await super()._run_agent_loop(sampling_params, trajectory, agent_name=agent_name, trace=trace, **kwargs)
+        except Exception as exc:
+            fault = "reward" if isinstance(exc, RewardLoopError) else "rollout"
+            cause = exc.__cause__ if fault == "reward" and exc.__cause__ is not None else exc
+            error = f"{type(cause).__name__}: {cause}"[:500]
+            logger.error(
+                "sample %s (step %s, rollout %s, agent %s) failed in its %s: %s; it gets a placeholder and zero advantage",
+                trajectory.get("sample_index"), trajectory.get("step"), trajectory.get("rollout_n"), agent_name, fault, error,
+                exc_info=exc,
+            )
+            out = await self._placeholder(sampling_params, trajectory, agent_name, kwargs)
+            out.response_mask.zero_()
+            out.extra_fields.update({FAILED_KEY: 1, FAULT_KEY: fault, ERROR_KEY: error})
+            return out
+        out.extra_fields.update({FAILED_KEY: 0, FAULT_KEY: "", ERROR_KEY: ""})
+        return out
+
+    async def _placeholder(self, sampling_params, trajectory, agent_name, kwargs):
+        """A well-formed output for a failed sample, post-processed as verl does the others.
+
+        First the sample's own agent loop against a server that answers one end-of-sequence token
+        (the real prompt, images and keep mask: the batch stays uniform); if that raises too (the
+        fault is in the prompt itself), a text-only sample of one token. Either has reward 0.
+
+        Raises:
+            Exception: only if even the text-only placeholder cannot be post-processed (the step
+                then ends, as it did before this fence).
+        """
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else (self.tokenizer.pad_token_id or 0)
+        try:
+            output = await self._agent_loop(agent_name, _OneTokenServer(eos)).run(sampling_params, **kwargs)
+            return await self._postprocess_placeholder(output, trajectory, kwargs)
+        except Exception as exc:
+            logger.error("sample %s: placeholder with its prompt failed too (%s: %s); using a text-only one",
+                         trajectory.get("sample_index"), type(exc).__name__, exc)
+        logprobs = [0.0] if sampling_params.get("logprobs") else None
+        output = AgentLoopOutput(prompt_ids=[eos], response_ids=[eos], response_mask=[0], response_logprobs=logprobs,
+                                 num_turns=2, metrics=AgentLoopMetrics(), extra_fields={})
+        return await self._postprocess_placeholder(output, trajectory, kwargs)
+
+    async def _postprocess_placeholder(self, output: AgentLoopOutput, trajectory, kwargs):
+        if self.reward_loop_worker_handles is not None:  # verl adds rm_scores only when every sample has one
+            output.reward_score = 0.0
+            output.extra_fields["reward_extra_info"] = {}  # keys filled in by _postprocess
+        return await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)
+
+    def _agent_loop(self, agent_name: str, server):
+        # built as verl 0.9.1's AgentLoopWorker._run_agent_loop builds it, with another server
+        return hydra.utils.instantiate(
+            config=_agent_loop_registry[agent_name],
+            trainer_config=DictConfigWrap(config=self.config),
+            server_manager=server,
+            tokenizer=self.tokenizer,
+            processor=self.processor,
+            hf_model_type=self.hf_model_type,
+            dataset_cls=self.dataset_cls,
+            data_config=DictConfigWrap(self.config.data),
+            tools=ToolListWrap(self.tools),
+        )
+
+    # verl 0.9.1 private hook: the reward loop's call for one sample (inside _run_agent_loop).
+    async def _compute_score(self, outputs, kwargs) -> None:
+        """verl's reward-loop call, its exceptions wrapped in :class:`RewardLoopError` (the fault's kind)."""
+        try:
+            await super()._compute_score(outputs, kwargs)
+        except Exception as exc:
+            raise RewardLoopError(f"reward loop call failed: {type(exc).__name__}") from exc
+
+    # verl 0.9.1 private hook: _postprocess takes the reward_extra_info keys of the first sample.
+    def _postprocess(self, inputs, input_non_tensor_batch=None, validate=False):
+        """verl's batch assembly, after giving failed samples the others' reward keys (zeros)."""
+        ok = [o for o in inputs if not o.extra_fields.get(FAILED_KEY)]
+        keys = list(ok[0].extra_fields.get("reward_extra_info", {})) if ok else list(GUARDED_KEYS)
+        for o in inputs:
+            if o.extra_fields.get(FAILED_KEY) and o.reward_score is not None:
+                o.extra_fields["reward_extra_info"] = dict.fromkeys(keys, 0.0)
+        return super()._postprocess(inputs, input_non_tensor_batch=input_non_tensor_batch, validate=validate)
 
 
 class ViToSAgentLoopManager(AgentLoopManager):

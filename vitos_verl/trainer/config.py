@@ -6,12 +6,15 @@ only what differs. Every invalid combination raises a ``ValueError`` that says w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from vitos_verl.rewards.boxes import BOX_FORMATS
-from vitos_verl.trainer.streams import PRUNE_MODES, STREAM_ORDERS
+from vitos_verl.trainer.streams import PRUNE_MODES, STREAM_ORDERS, update_stages
+
+STREAMS = ("grounding", "reasoning")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,13 @@ class ViToSConfig:
         prune_mode: ``tokens`` (drop visual tokens) | ``crop`` (box crop) | ``none`` (full image).
         box_format: frame the model's boxes are in: ``abs`` (resized pixels), ``norm1``, ``norm1000``.
         iou_mode: ``best`` or ``union`` over several ground-truth boxes.
+        reward_timeout_s: seconds one reward call may take; past it the sample scores 0 and
+            counts as failed (:mod:`vitos_verl.rewards.guard`).
+        optim_steps: optimiser steps per PPO epoch of each stream's update, ``{grounding: int |
+            None, reasoning: int | None}``; None takes ``train_batch_size // ppo_mini_batch_size``
+            (the count verl gives the grounding stream), so both streams take the same number of
+            steps by default and each reasoning mini-batch holds ``n_r`` times the samples of a
+            grounding one. ``order: joint`` (one update) needs both to resolve to the same count.
     """
 
     order: str = "grounding_first"
@@ -43,8 +53,18 @@ class ViToSConfig:
     prune_mode: str = "tokens"
     box_format: str = "abs"
     iou_mode: str = "best"
+    reward_timeout_s: float = 30.0
+    optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
 
     def __post_init__(self) -> None:
+        self._check_types()
+        steps = dict(self.optim_steps or {})
+        if set(steps) - set(STREAMS):
+            raise ValueError(f"vitos.optim_steps keys {sorted(set(steps) - set(STREAMS))} unknown; known: {list(STREAMS)}")
+        for name, v in steps.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"vitos.optim_steps.{name}={v!r} must be a positive integer or null (verl's count)")
+        object.__setattr__(self, "optim_steps", {s: steps.get(s) for s in STREAMS})
         if self.order not in STREAM_ORDERS:
             raise ValueError(f"vitos.order={self.order!r}: choose one of {sorted(STREAM_ORDERS)}")
         if self.prune_mode not in PRUNE_MODES:
@@ -65,6 +85,25 @@ class ViToSConfig:
         for name in ("w_iou", "w_fb", "w_fmt", "w_keep"):
             if getattr(self, name) < 0:
                 raise ValueError(f"vitos.{name}={getattr(self, name)} must be >= 0 (w_keep is subtracted)")
+        if not self.reward_timeout_s > 0:
+            raise ValueError(f"vitos.reward_timeout_s={self.reward_timeout_s} must be > 0 (seconds one reward call may take)")
+
+    def _check_types(self) -> None:
+        """Numbers are finite numbers (ints where counts are meant), names are strings.
+
+        ``w_iou=nan`` would turn every grounding score into nan, then 0; ``n_g='4'`` would fail
+        later with a ``TypeError`` about ``<``. Integers given for float fields become floats.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"vitos.{f.name}={value!r} must be an integer")
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"vitos.{f.name}={value!r} must be a finite number")
+                object.__setattr__(self, f.name, float(value))
+            if f.type == "str" and not isinstance(value, str):
+                raise ValueError(f"vitos.{f.name}={value!r} must be a string")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> ViToSConfig:
@@ -78,15 +117,16 @@ class ViToSConfig:
 
     def reward_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
         """Keyword arguments of :func:`vitos_verl.rewards.compute_score` for this config."""
-        keys = ("w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio")
+        keys = ("w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "reward_timeout_s")
         out = {k: v for k, v in asdict(self).items() if k in keys}
         return {**out, "min_pixels": min_pixels, "max_pixels": max_pixels}
 
     def check_batch(self, train_batch_size: int, ppo_mini_batch_size: int) -> None:
-        """Each update's mini-batches must hold whole GRPO groups of that stream.
+        """Each update's mini-batches must hold the samples of a whole number of questions.
 
         Raises:
-            ValueError: ``ppo_mini_batch_size`` (questions) does not divide ``train_batch_size``.
+            ValueError: ``ppo_mini_batch_size`` (questions) does not divide ``train_batch_size``,
+                or an update's optimiser steps (:meth:`update_optim_steps`) do not.
         """
         if train_batch_size <= 0 or ppo_mini_batch_size <= 0:
             raise ValueError("train_batch_size and ppo_mini_batch_size must be positive")
@@ -95,3 +135,38 @@ class ViToSConfig:
                 f"data.train_batch_size={train_batch_size} must be a multiple of actor.ppo_mini_batch_size="
                 f"{ppo_mini_batch_size} (questions per mini-batch; each stream expands it by n_g or n_g*n_r)"
             )
+        for name, steps in self.update_optim_steps(train_batch_size, ppo_mini_batch_size).items():
+            if train_batch_size % steps:
+                raise ValueError(
+                    f"the {name} update's {steps} optimiser steps (vitos.optim_steps) must divide "
+                    f"data.train_batch_size={train_batch_size}: each mini-batch holds the samples of "
+                    "train_batch_size / steps questions"
+                )
+
+    def update_optim_steps(self, train_batch_size: int, ppo_mini_batch_size: int) -> dict[str, int]:
+        """Optimiser steps per PPO epoch of each update of a training step.
+
+        Args:
+            train_batch_size: questions per step (``data.train_batch_size``).
+            ppo_mini_batch_size: questions per verl mini-batch (``actor.ppo_mini_batch_size``);
+                ``train_batch_size // ppo_mini_batch_size`` is the default count.
+
+        Returns:
+            ``{update name: steps}`` in update order; names as the trainer logs them
+            (``grounding``, ``reasoning``, or ``grounding+reasoning`` for ``order: joint``).
+
+        Raises:
+            ValueError: ``order: joint`` with streams that resolve to different counts.
+        """
+        default = max(train_batch_size // ppo_mini_batch_size, 1)
+        per_stream = {s: self.optim_steps[s] or default for s in STREAMS}
+        out = {}
+        for stage in update_stages(self.order):
+            counts = {per_stream[s] for s in stage}
+            if len(counts) > 1:
+                raise ValueError(
+                    f"vitos.order={self.order!r} updates {'+'.join(stage)} at once: vitos.optim_steps {per_stream} "
+                    "must resolve to one count"
+                )
+            out["+".join(stage)] = counts.pop()
+        return out

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vitos_verl.pruning import geometry_from_grid, image_geometry
 from vitos_verl.rewards.boxes import parse_boxes, union_box
-from vitos_verl.rewards.score import SCORE_KEYS, compute_score
+from vitos_verl.rewards.guard import GUARDED_KEYS, guarded_compute_score
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.streams import cross_feedback, reasoning_input
 
@@ -42,6 +42,25 @@ def resized_sizes(extra_infos: Sequence[Mapping[str, Any]], min_pixels: int, max
         if size is None or len(size) != 2:
             raise ValueError(f"extra_info.image_size missing or malformed: {size!r} (re-run data_prep)")
         out.append(list(image_geometry(int(size[0]), int(size[1]), min_pixels, max_pixels).resized_size))
+    return out
+
+
+def sample_grids(
+    multi_modal_inputs: Sequence[Mapping[str, Any] | None], image_sizes: Sequence[Sequence[int]], min_pixels: int, max_pixels: int
+) -> list[list[int]]:
+    """``image_grid_thw`` ``[t, h, w]`` of each rollout sample's image.
+
+    Read from the sample's ``multi_modal_inputs``; a sample without one (the text-only
+    placeholder of a failed rollout, :mod:`vitos_verl.trainer.faults`) gets the grid the processor
+    gives its row's ``image_size`` ``(W, H)`` under the pixel budget.
+    """
+    out = []
+    for mm, size in zip(multi_modal_inputs, image_sizes):
+        grid = (mm or {}).get("image_grid_thw")
+        if grid is not None:
+            out.append([int(v) for v in grid[0].tolist()])
+        else:
+            out.append(list(image_geometry(int(size[0]), int(size[1]), min_pixels, max_pixels).grid_thw))
     return out
 
 
@@ -180,17 +199,21 @@ def grounding_rewards(
     The accuracy of the answers made from each box (:func:`cross_feedback`) goes into that
     box's ``extra_info["feedback_acc"]``; :func:`vitos_verl.rewards.compute_score` does the
     rest (IoU where the row has boxes, format, keep ratio), with the same ``reward_kwargs``
-    verl's reward loop uses for the reasoning stream.
+    verl's reward loop uses for the reasoning stream. Each call runs under the time limit
+    ``reward_kwargs["reward_timeout_s"]`` (default 30 s;
+    :func:`vitos_verl.rewards.guard.guarded_compute_score`): one that raises or runs past it
+    scores 0 and is flagged, and the step goes on. Pass only the answers that did not fail.
 
     Returns:
-        Every key of :data:`SCORE_KEYS` -> float64 ``(N_g,)``.
+        Every key of :data:`vitos_verl.rewards.guard.GUARDED_KEYS` (the score keys plus
+        ``reward_timeout`` and ``reward_error``, 0/1) -> float64 ``(N_g,)``.
     """
     fb = cross_feedback(answer_acc, box_index, len(texts))
     rows = [
-        compute_score(ds, t, gt, {**dict(e or {}), "stream": "grounding", "feedback_acc": float(f)}, **reward_kwargs)
+        guarded_compute_score(ds, t, gt, {**dict(e or {}), "stream": "grounding", "feedback_acc": float(f)}, **reward_kwargs)
         for ds, t, gt, e, f in zip(data_sources, texts, ground_truths, extra_infos, fb)
     ]
-    return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in SCORE_KEYS}
+    return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in GUARDED_KEYS}
 
 
 def group_spread(scores: Sequence[float], uids: Sequence[str]) -> tuple[float, float]:
@@ -205,10 +228,16 @@ def group_spread(scores: Sequence[float], uids: Sequence[str]) -> tuple[float, f
     return (float(np.mean(stds)) if stds else 0.0, float(np.mean([s > 1e-8 for s in stds])) if stds else 0.0)
 
 
-def stream_metrics(stream: str, scores: Mapping[str, Sequence[float]], uids, prompt_len, response_len) -> dict:
-    """Logged metrics of one stream: mean of every reward key, token counts, group spread."""
+def stream_metrics(stream: str, scores: Mapping[str, Sequence[float]], uids, prompt_len, response_len, failed=None) -> dict:
+    """Logged metrics of one stream: mean of every reward key, token counts, group spread.
+
+    ``failed`` (bool ``(N,)``, optional): samples left out of the reward means and the group
+    spread (their zero scores say nothing about the policy); token counts include them.
+    """
+    ok = np.ones(len(uids), dtype=bool) if failed is None else ~np.asarray(failed, dtype=bool)
+    scores = {k: np.asarray(v, dtype=np.float64)[ok] for k, v in scores.items()}
     out = {f"{stream}/reward/{k}": float(np.mean(v)) for k, v in scores.items() if len(v)}
-    std, frac = group_spread(scores["score"], uids)
+    std, frac = group_spread(scores["score"], np.asarray(uids, dtype=object)[ok])
     out[f"{stream}/reward/group_std"] = std
     out[f"{stream}/reward/groups_varying"] = frac
     p = np.asarray(prompt_len, dtype=np.float64)

@@ -17,25 +17,44 @@ import socket
 import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
-from verl.single_controller.base.decorator import Dispatch, register
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.trainer.main_ppo import run_ppo
 from verl.trainer.main_ppo_v0 import BaseTaskRunner
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from vitos_verl.rollout.actor_patch import apply_actor_patch
+from vitos_verl.trainer.checks import check_config
+from vitos_verl.trainer.optim_steps import override_mini_batch
 
 
 class ViToSActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's actor/rollout/ref worker whose Qwen2.5-VL forward accepts pruned visual tokens.
 
     verl's ``apply_monkey_patch`` replaces ``Qwen2_5_VLModel.forward`` while the model is
-    built, so the ViToS wrapper is applied after ``init_model``.
+    built, so the ViToS wrapper is applied after ``init_model``. ``update_actor`` takes the
+    driver's per-stream mini-batch size (:mod:`vitos_verl.trainer.optim_steps`).
     """
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
         super().init_model()
         apply_actor_patch()
+
+    # verl 0.9.1 ActorRolloutRefWorker.update_actor's dispatch (the actor mesh's data-parallel ranks)
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def update_actor(self, data):
+        """verl's ``update_actor`` with the mini-batch size the driver set for this stream.
+
+        Args:
+            data: this rank's TensorDict from ``RayPPOTrainer._update_actor`` (verl 0.9.1); its
+                ``vitos_mini_batch_size`` (global samples per mini-batch) replaces verl's
+                ``mini_batch_size``/``global_batch_size`` (:func:`override_mini_batch`).
+
+        Returns:
+            verl's output: a TensorDict whose ``metrics`` hold one ``grad_norm`` per optimiser step.
+        """
+        override_mini_batch(data)
+        return super().update_actor(data)
 
 
 class ViToSTaskRunner(BaseTaskRunner):
@@ -86,24 +105,6 @@ class ViToSTaskRunner(BaseTaskRunner):
         trainer.fit()
 
 
-def check_config(config: DictConfig) -> None:
-    """Start-up checks that need no Ray (the ``vitos`` block, batch sizes, the legacy path).
-
-    Raises:
-        ValueError: an invalid combination, with the reason.
-    """
-    from vitos_verl.trainer.config import ViToSConfig
-
-    cfg = ViToSConfig.from_mapping(OmegaConf.to_container(config.vitos, resolve=True))
-    cfg.check_batch(int(config.data.train_batch_size), int(config.actor_rollout_ref.actor.ppo_mini_batch_size))
-    if int(config.actor_rollout_ref.rollout.n) != cfg.n_g:
-        raise ValueError(f"actor_rollout_ref.rollout.n={config.actor_rollout_ref.rollout.n} must equal vitos.n_g={cfg.n_g}")
-    if config.trainer.use_v1:
-        raise ValueError("the ViToS trainer runs on verl's DataProto driver: set trainer.use_v1=false")
-    if config.algorithm.adv_estimator != "grpo":
-        raise ValueError(f"ViToS uses GRPO advantages per stream; algorithm.adv_estimator={config.algorithm.adv_estimator!r}")
-
-
 @hydra.main(config_path="conf", config_name="vitos", version_base=None)
 def main(config: DictConfig) -> None:
     """Train ViToS with the composed config (see module doc)."""
@@ -113,7 +114,7 @@ def main(config: DictConfig) -> None:
     # Ray actors run in other working directories: relative paths are resolved here.
     config.outputs_dir = os.path.abspath(config.outputs_dir)
     OmegaConf.resolve(config)
-    check_config(config)
+    check_config(config, check_files=bool(config.get("check_files", True)))
     if config.get("dry_run", False):
         print(OmegaConf.to_yaml(config, resolve=True))
         return

@@ -15,12 +15,19 @@ One step (DESIGN.md section 1, item 5), each stage timed as ``timing_s/<stage>``
 7. ``update_<stream>``: one actor update per entry of ``vitos.order`` (``grounding_first``:
    grounding, then reasoning; ``joint``: one update on both, the summed-loss ablation).
    Old log-probs of both streams are computed before the first update (the behaviour policy),
-   so the second update's PPO ratio corrects for the first update's change.
+   so the second update's PPO ratio corrects for the first update's change. Each update takes
+   ``vitos.optim_steps`` optimiser steps per PPO epoch (equal by default;
+   :mod:`vitos_verl.trainer.optim_steps`), logged as ``actor/<update>/optim_steps``.
 8. ``update_weights`` to vLLM, ``save_checkpoint`` every ``trainer.save_freq``, two-pass
-   validation every ``trainer.test_freq``.
+   validation every ``trainer.test_freq``, both at the last step however the loop ends
+   (:mod:`vitos_verl.trainer.loop`); verl's timing/throughput metrics per stream
+   (:mod:`vitos_verl.trainer.perf`).
 
 Workers, resource pools, checkpointing (``trainer.resume_mode``), tracking and the dataloader
-state are verl's; only the step and validation are ViToS's.
+state are verl's; only the step and validation are ViToS's. A sample whose rollout or reward
+failed is counted (``<stream>/failed/*``), left out of the reward means and given zero advantage
+and loss weight (:mod:`vitos_verl.trainer.faults`); checkpoints get a completeness marker and an
+atomic resume tracker (:mod:`vitos_verl.trainer.checkpoint`).
 """
 
 from __future__ import annotations
@@ -41,21 +48,29 @@ from verl.protocol import pad_dataproto_to_divisor, unpad_dataproto
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.trainer.ppo.metric_utils import compute_data_metrics
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage, compute_response_mask
+from verl.utils.checkpoint.checkpoint_manager import should_save_ckpt_esi
 from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
 from vitos_verl.rewards.score import SCORE_KEYS
 from vitos_verl.rollout.agent_loop import AGENT_NAME
+from vitos_verl.trainer.checkpoint import check_resume, save_with_atomic_tracker
+from vitos_verl.trainer.checks import check_reward_kwargs
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.dual_stream import (
     grounding_rewards,
     last_token_scores,
     plan_reasoning,
     resized_sizes,
+    sample_grids,
     stream_metrics,
     with_stream,
 )
+from vitos_verl.trainer.faults import check_not_all_failed, failed_mask, fault_metrics, mask_failed
+from vitos_verl.trainer.loop import final_actions, last_step, step_actions
+from vitos_verl.trainer.optim_steps import MINI_BATCH_KEY, mini_batch_size, optim_steps_taken
+from vitos_verl.trainer.perf import step_perf_metrics, stream_perf_metrics
 from vitos_verl.trainer.streams import update_stages
 
 _META_KEYS = ("data_source", "reward_model", "extra_info", "uid")
@@ -72,8 +87,9 @@ class ViToSRayTrainer(RayPPOTrainer):
     """verl's PPO trainer whose step is ViToS's two streams (see module doc).
 
     Config: verl's ``ppo_trainer`` plus the ``vitos`` block (:class:`ViToSConfig`);
-    ``actor_rollout_ref.rollout.n`` must equal ``vitos.n_g`` (verl sizes the actor's
-    mini-batches as ``ppo_mini_batch_size * rollout.n`` samples).
+    ``actor_rollout_ref.rollout.n`` must equal ``vitos.n_g`` (the grounding group size); each
+    update's mini-batches are its samples over its ``vitos.optim_steps``, not verl's
+    ``ppo_mini_batch_size * rollout.n``.
 
     Raises:
         ValueError: at construction, for an invalid ``vitos`` block, ``rollout.n != n_g``,
@@ -89,16 +105,13 @@ class ViToSRayTrainer(RayPPOTrainer):
         if int(rollout.n) != self.vitos.n_g:
             raise ValueError(f"actor_rollout_ref.rollout.n={rollout.n} must equal vitos.n_g={self.vitos.n_g}")
         self.vitos.check_batch(int(self.config.data.train_batch_size), int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size))
+        # optimiser steps per PPO epoch of each update (vitos.optim_steps; vitos_verl.trainer.optim_steps)
+        self.update_steps = self.vitos.update_optim_steps(
+            int(self.config.data.train_batch_size), int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size)
+        )
         self.min_pixels, self.max_pixels = int(self.train_dataset.min_pixels), int(self.train_dataset.max_pixels)
         self.reward_kwargs = self.vitos.reward_kwargs(self.min_pixels, self.max_pixels)
-        configured = OmegaConf.to_container(self.config.reward.custom_reward_function.get("reward_kwargs") or {}, resolve=True)
-        diff = {k: (configured.get(k), v) for k, v in self.reward_kwargs.items() if configured.get(k) != v}
-        if diff:
-            raise ValueError(
-                "reward.custom_reward_function.reward_kwargs must equal the vitos block and the data pixel budget "
-                f"(the reward loop scores the reasoning stream, the driver the grounding one); differing (configured, "
-                f"expected): {diff}. Use the interpolations of vitos_trainer.yaml."
-            )
+        check_reward_kwargs(self.config)
 
     # ------------------------------------------------------------------ rollout
     def _generate(self, gen: DataProto, timing: dict, name: str) -> DataProto:
@@ -156,7 +169,7 @@ class ViToSRayTrainer(RayPPOTrainer):
 
         with marked_timer("prune", timing, color="yellow"):
             texts = self._decode(g)
-            grids = [mm["image_grid_thw"][0].tolist() for mm in g.non_tensor_batch["multi_modal_inputs"]]
+            grids = sample_grids(g.non_tensor_batch["multi_modal_inputs"], [info[i]["image_size"] for i in rows], self.min_pixels, self.max_pixels)
             chats = nt["raw_reasoning_prompt"][rows]
             plan = plan_reasoning(texts, grids, [info[i]["image_size"] for i in rows], chats, self.vitos, n_r=n_r)
         r_rows = rows[plan.box_index]
@@ -182,13 +195,14 @@ class ViToSRayTrainer(RayPPOTrainer):
         r_scores = {k: np.asarray(r.non_tensor_batch[k], dtype=np.float64) for k in SCORE_KEYS}
         r.batch["token_level_scores"] = r.batch.pop("rm_scores").float()
         nt = g.non_tensor_batch
+        ok = ~failed_mask(r.non_tensor_batch, len(r))  # a failed answer is no evidence about its box
         g_scores = grounding_rewards(
             nt["data_source"],
             plan.grounding_texts,
             [rm.get("ground_truth", "") for rm in nt["reward_model"]],
             nt["extra_info"],
-            r_scores["acc"],
-            plan.box_index,
+            r_scores["acc"][ok],
+            plan.box_index[ok],
             self.reward_kwargs,
         )
         g.batch.pop("rm_scores", None)
@@ -214,7 +228,8 @@ class ViToSRayTrainer(RayPPOTrainer):
 
     def _log_probs(self, b: DataProto, metrics: dict, stream: str, timing: dict) -> DataProto:
         with marked_timer(f"old_log_prob/{stream}", timing, color="blue"):
-            old, _ = self._compute_old_log_prob(b)
+            old, mfu = self._compute_old_log_prob(b)
+            metrics[f"{stream}/perf/mfu/actor_infer"] = mfu
             ent = agg_loss(
                 loss_mat=old.batch["entropys"],
                 loss_mask=b.batch["response_mask"],
@@ -227,6 +242,8 @@ class ViToSRayTrainer(RayPPOTrainer):
             with marked_timer(f"ref/{stream}", timing, color="olive"):
                 b = b.union(self._compute_ref_log_prob(b))
         with marked_timer(f"adv/{stream}", timing, color="brown"):
+            # failed samples: out of their GRPO group and out of the loss (vitos_verl.trainer.faults)
+            uid = mask_failed(b, failed_mask(b.non_tensor_batch, len(b)))
             b = compute_advantage(
                 b,
                 adv_estimator=self.config.algorithm.adv_estimator,
@@ -236,6 +253,7 @@ class ViToSRayTrainer(RayPPOTrainer):
                 norm_adv_by_std_in_grpo=self.config.algorithm.get("norm_adv_by_std_in_grpo", True),
                 config=self.config.algorithm,
             )
+            b.non_tensor_batch["uid"] = uid
         return b
 
     def _update(self, batches: dict[str, DataProto], metrics: dict, timing: dict) -> None:
@@ -253,14 +271,30 @@ class ViToSRayTrainer(RayPPOTrainer):
                 b.meta_info["global_token_num"] = torch.sum(b.batch["attention_mask"], dim=-1).tolist()
             else:
                 b = parts[0]
+            # this update's mini-batch: its samples over its optimiser steps (the ViToS worker's update_actor)
+            b.meta_info[MINI_BATCH_KEY] = mini_batch_size(len(b), self.update_steps[name], name)
             with marked_timer(f"update/{name}", timing, color="red"):
                 out = self._update_actor(b)
-            for k, v in reduce_metrics(out.meta_info["metrics"]).items():
-                metrics[k.replace("actor/", f"actor/{name}/", 1) if k.startswith("actor/") else f"{k}/{name}"] = v
+            b.meta_info.pop(MINI_BATCH_KEY)
+            raw = out.meta_info["metrics"]
+            metrics[f"actor/{name}/optim_steps"] = optim_steps_taken(raw)
+            # actor/<k> -> actor/<update>/<k>; verl's perf/mfu/actor -> <update>/perf/mfu/actor
+            for k, v in reduce_metrics(raw).items():
+                metrics[k.replace("actor/", f"actor/{name}/", 1) if k.startswith("actor/") else f"{name}/{k}"] = v
 
     # ------------------------------------------------------------------ step
-    def train_step(self, batch_dict: dict) -> dict[str, Any]:
-        """One ViToS step on a dataloader batch; returns the metrics to log."""
+    def train_step(self, batch_dict: dict, save: bool = False) -> dict[str, Any]:
+        """One ViToS step on a dataloader batch; returns the metrics to log.
+
+        Args:
+            batch_dict: a dataloader batch (``train_batch_size`` questions).
+            save: checkpoint this step (after the updates, before the weights go to vLLM, as verl).
+
+        Returns:
+            The step's metrics, among them verl's timing/throughput metrics per stream
+            (``<stream>/timing_per_token_ms/*``, ``<stream>/perf/*``; :mod:`vitos_verl.trainer.perf`)
+            and of the whole step (``perf/*``).
+        """
         metrics: dict[str, Any] = {}
         timing: dict[str, float] = {}
         batch = DataProto.from_single_dict(batch_dict)
@@ -269,24 +303,27 @@ class ViToSRayTrainer(RayPPOTrainer):
             g, r, plan = self.two_pass(batch, timing, self.vitos.n_g, self.vitos.n_r)
             self.checkpoint_manager.sleep_replicas()
             with marked_timer("reward", timing, color="yellow"):
-                scores = self._score_streams(g, r, plan)
+                self._score_streams(g, r, plan)
             streams = {"grounding": g, "reasoning": r}
             for name, b in streams.items():
-                b = self._prepare(b, metrics, name)
+                check_not_all_failed(name, b.non_tensor_batch, len(b))
+            for name, b in streams.items():
+                b = self._prepare(b, metrics, name)  # may reorder the samples: read scores after it
                 metrics.update(
                     stream_metrics(
                         name,
-                        scores[name],
+                        {k: b.non_tensor_batch[k] for k in SCORE_KEYS},
                         b.non_tensor_batch["uid"],
                         b.batch["attention_mask"][:, : b.batch["prompts"].shape[1]].sum(-1).tolist(),
                         b.batch["response_mask"].sum(-1).tolist(),
+                        failed=failed_mask(b.non_tensor_batch, len(b)),
                     )
                 )
+                metrics.update(fault_metrics(name, b.non_tensor_batch, len(b)))
                 streams[name] = self._log_probs(b, metrics, name, timing)
                 metrics.update({f"{name}/{k}": v for k, v in compute_data_metrics(streams[name], use_critic=False).items()})
             self._update(streams, metrics, timing)
-            is_last = self.global_steps >= self.total_training_steps
-            if self.config.trainer.save_freq > 0 and (is_last or self.global_steps % self.config.trainer.save_freq == 0):
+            if save:
                 with marked_timer("save_checkpoint", timing, color="green"):
                     self._save_checkpoint()
             with marked_timer("update_weights", timing, color="red"):
@@ -296,7 +333,33 @@ class ViToSRayTrainer(RayPPOTrainer):
         metrics["vitos/keep_ratio"] = float(np.mean(plan.keep_ratio))
         metrics["vitos/box_parsed"] = float(np.mean(plan.parsed))
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        n_gpus = self.resource_pool_manager.get_n_gpus()
+        for name, b in streams.items():
+            metrics.update(stream_perf_metrics(name, b, timing, n_gpus))
+        metrics.update(step_perf_metrics(streams, timing, n_gpus))
         return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self):
+        """verl 0.9.1's save, then a completeness marker and an atomic resume tracker.
+
+        See :func:`vitos_verl.trainer.checkpoint.save_with_atomic_tracker`: a save interrupted at
+        any point leaves the tracker at the previous complete step.
+        """
+        import verl.trainer.ppo.ray_trainer as verl_ray_trainer
+
+        save_with_atomic_tracker(super()._save_checkpoint, self.config.trainer.default_local_dir, self.global_steps, verl_ray_trainer)
+
+    def _load_checkpoint(self):
+        """verl 0.9.1's load, after :func:`vitos_verl.trainer.checkpoint.check_resume`.
+
+        Raises:
+            CheckpointError: a tracker that is not a number or names a missing or incomplete
+                step folder, or an incomplete ``trainer.resume_from_path`` (never a silent
+                restart from step 0).
+        """
+        check_resume(self.config.trainer)
+        return super()._load_checkpoint()
 
     def run_dir(self) -> Path:
         """Where this run's logs go: the parent of ``trainer.default_local_dir`` (the checkpoints)."""
@@ -319,38 +382,66 @@ class ViToSRayTrainer(RayPPOTrainer):
         )
 
     def fit(self):
-        """The training loop: resume, validate, then :meth:`train_step` until ``total_training_steps``."""
+        """The training loop: resume, validate, then :meth:`train_step` up to the last step.
+
+        The last step is ``total_training_steps``, or where ``trainer.total_epochs`` of the
+        dataloader run out if that comes first (:func:`~vitos_verl.trainer.loop.last_step`).
+        Checkpoints and validations follow verl 0.9.1's ``save_freq`` / ``test_freq`` / ESI rules
+        (:func:`~vitos_verl.trainer.loop.step_actions`), the last step included; a loop that stops
+        before it (the dataloader yields fewer batches than its length) saves and validates the
+        step it reached unless that step already was (:func:`~vitos_verl.trainer.loop.final_actions`).
+        """
         tracker = self._tracker()
+        trainer = self.config.trainer
         self.global_steps = 0
         self._load_checkpoint()
         self.checkpoint_manager.update_weights(self.global_steps)
-        if self.config.trainer.get("val_before_train", True) and self.val_dataloader is not None:
+        if trainer.get("val_before_train", True) and self.val_dataloader is not None:
             tracker.log(data=self._validate(), step=self.global_steps)
-            if self.config.trainer.get("val_only", False):
+            if trainer.get("val_only", False):
                 return
-        if self.global_steps >= self.total_training_steps:
+        last = last_step(self.total_training_steps, len(self.train_dataloader), trainer.total_epochs)
+        if last < self.total_training_steps:
             print(
-                f"ViToS: checkpoint at step {self.global_steps} already reaches trainer.total_training_steps="
-                f"{self.total_training_steps}; raise it to continue training"
+                f"ViToS: {len(self.train_dataloader)} batches x trainer.total_epochs={trainer.total_epochs} end the run "
+                f"at step {last}, before trainer.total_training_steps={self.total_training_steps}"
+            )
+        if self.global_steps >= last:
+            print(
+                f"ViToS: checkpoint at step {self.global_steps} already reaches the last step {last} "
+                f"(trainer.total_training_steps={self.total_training_steps}); raise it to continue training"
             )
             return
+        saved = validated = self.global_steps
+        self.max_steps_duration = 0.0
         start_epoch = self.global_steps // len(self.train_dataloader)
-        bar = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="ViToS steps")
-        self.global_steps += 1
-        for epoch in range(start_epoch, self.config.trainer.total_epochs):
+        bar = tqdm(total=last, initial=self.global_steps, desc="ViToS steps")
+        for epoch in range(start_epoch, trainer.total_epochs):
             for batch_dict in self.train_dataloader:
-                is_last = self.global_steps >= self.total_training_steps
-                metrics = self.train_step(batch_dict)
-                test_freq = self.config.trainer.test_freq
-                if test_freq > 0 and (is_last or self.global_steps % test_freq == 0):
+                self.global_steps += 1
+                esi = should_save_ckpt_esi(self.max_steps_duration, redundant_time=trainer.get("esi_redundant_time", 0))
+                todo = step_actions(self.global_steps, last, trainer.save_freq, trainer.test_freq, esi_expiring=esi)
+                metrics = self.train_step(batch_dict, save=todo.save)
+                self.max_steps_duration = max(self.max_steps_duration, metrics.get("timing_s/step", 0.0))
+                saved = self.global_steps if todo.save else saved
+                if todo.validate:
                     metrics.update(self._validate())
+                    validated = self.global_steps
                 metrics.update({"training/global_step": self.global_steps, "training/epoch": epoch})
                 tracker.log(data=metrics, step=self.global_steps)
                 bar.update(1)
-                self.global_steps += 1
-                if is_last:
+                if self.global_steps >= last:
                     bar.close()
                     return
+        bar.close()
+        print(f"ViToS: the dataloader ran out at step {self.global_steps}, before the last step {last}")
+        todo = final_actions(self.global_steps, saved, validated, trainer.save_freq, trainer.test_freq)
+        if todo.save:  # as in train_step: the actor saves while vLLM sleeps, then vLLM gets the weights back
+            self.checkpoint_manager.sleep_replicas()
+            self._save_checkpoint()
+            self.checkpoint_manager.update_weights(self.global_steps)
+        if todo.validate:
+            tracker.log(data=self._validate(), step=self.global_steps)
 
     # ------------------------------------------------------------------ validation
     def _validate(self, merged: bool = False) -> dict[str, float]:
@@ -360,6 +451,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         ``val/keep_ratio``, ``val/prompt_token_ratio`` and the other reward keys.
         """
         acc: dict[str, list[float]] = defaultdict(list)
+        faults: dict[str, float] = defaultdict(float)  # failed samples score 0 and stay in the means
         timing: dict[str, float] = {}
         n_rows = 0
         for batch_dict in self.val_dataloader:
@@ -367,6 +459,9 @@ class ViToSRayTrainer(RayPPOTrainer):
             batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
             g, r, plan = self.two_pass(batch, timing, 1, 1, validate=True)
             n_rows += len(batch)
+            for name, b in (("grounding", g), ("reasoning", r)):
+                for k, v in fault_metrics(f"val/{name}", b.non_tensor_batch, len(b)).items():
+                    faults[k] += v
             prompt_len = g.batch["prompts"].shape[1]
             g_tok = g.batch["attention_mask"][:, :prompt_len].sum(-1).double()
             r_tok = r.batch["attention_mask"][:, :prompt_len].sum(-1).double()
@@ -385,5 +480,6 @@ class ViToSRayTrainer(RayPPOTrainer):
         if n_rows:
             out["val/prompt_token_ratio"] = out["val/reasoning/prompt_tokens"] / max(out["val/grounding/prompt_tokens"], 1.0)
             out["val/rows"] = float(n_rows)
+            out.update(faults)
         out.update({f"timing_s/val/{k}": v for k, v in timing.items()})
         return out

@@ -1,0 +1,109 @@
+"""Bad configs are refused before Ray starts, with the reason (issue 9, items 2 and 3).
+
+Each case composes the real smoke recipe with one hydra override, as a user would type it, and
+runs the start-up check the entry point runs (no Ray). One case goes through
+``DRY_RUN=1 launch/dualstream.sh`` to show the refusal reaches the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from vitos_verl.trainer.main import check_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    """An outputs dir holding (empty) the parquet files the smoke recipe reads."""
+    monkeypatch.setenv("VITOS_OUTPUTS", str(tmp_path))
+    for f in ("data/slake/train.parquet", "data/vqa_rad/train.parquet", "data/slake/val.parquet"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).touch()
+    return tmp_path
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "recipes"), version_base=None):
+        cfg = compose(config_name="smoke_cpu", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def test_smoke_recipe_passes(outputs):
+    check_config(_cfg())
+
+
+REFUSED = [
+    # item 2: values and combinations
+    (["vitos.w_iou=nan"], r"vitos.w_iou=nan must be a finite number"),
+    (["vitos.w_fb=inf"], r"vitos.w_fb=inf must be a finite number"),
+    (["vitos.n_g=two"], r"vitos.n_g='two' must be an integer"),
+    (["vitos.margin_cells=1.5"], r"vitos.margin_cells=1.5 must be an integer"),
+    (["vitos.reward_timeout_s=0"], r"vitos.reward_timeout_s=0.0 must be > 0"),
+    (["vitos.optim_steps.reasoning=0"], r"vitos.optim_steps.reasoning=0 must be a positive integer"),
+    (["data.max_pixels=3000", "data.min_pixels=3136"], r"data.max_pixels=3000 must be >= 12544"),
+    (["data.max_pixels=20000", "data.min_pixels=40000"], r"data.max_pixels=20000 < data.min_pixels=40000"),
+    (["data.min_pixels=100"], r"data.min_pixels=100 must be >= 784"),
+    (["data.max_response_length=0"], r"data.max_response_length=0 must be >= 1"),
+    (["data.max_response_length=-5"], r"data.max_response_length=-5 must be >= 1"),
+    (["data.max_pixels=lots"], r"data.max_pixels='lots' must be an integer"),
+    (["actor_rollout_ref.actor.optim.lr=fast"], r"optim.lr='fast' must be a number"),
+    (["data.train_batch_size=2.5"], r"data.train_batch_size=2.5 must be an integer"),
+    (["trainer.save_freq=0"], r"trainer.save_freq=0 must be >= 1"),
+    (["trainer.save_freq=-1"], r"trainer.save_freq=-1 must be >= 1"),
+    (["trainer.total_training_steps=0"], r"trainer.total_training_steps=0 must be >= 1"),
+    (["reward.custom_reward_function.reward_kwargs.w_iou=2.0"], r"reward_kwargs must equal the vitos block.*w_iou"),
+    (["reward.custom_reward_function.reward_kwargs.max_pixels=1003520"], r"reward_kwargs must equal.*max_pixels"),
+    (["+reward.custom_reward_function.reward_kwargs.w_other=1.0"], r"unknown keys: \['w_other'\]"),
+    # item 3: verl options the ViToS loop does not honour
+    (["algorithm.use_kl_in_reward=true"], r"algorithm.use_kl_in_reward=True: the KL penalty in the reward"),
+    (["algorithm.rollout_correction.rollout_is=token"], r"rollout_is='token': rollout importance sampling"),
+    (["algorithm.rollout_correction.rollout_rs=seq_mean_k1"], r"rollout_rs='seq_mean_k1'"),
+    (["algorithm.rollout_correction.bypass_mode=true"], r"bypass_mode=True"),
+    (["algorithm.filter_groups.enable=true"], r"filter_groups.enable=True: dynamic sampling"),
+    (["algorithm.use_pf_ppo=true"], r"use_pf_ppo=True"),
+    (["trainer.critic_warmup=2"], r"critic_warmup=2: GRPO has no critic"),
+    (["trainer.rollout_data_dir=/tmp/x"], r"rollout_data_dir='/tmp/x'"),
+    (["trainer.validation_data_dir=/tmp/x"], r"validation_data_dir='/tmp/x'"),
+    (["trainer.log_val_generations=4"], r"log_val_generations=4"),
+    (["global_profiler.steps=[1,2]"], r"global_profiler.steps=\[1, 2\]: the profiler"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_refused_with_reason(outputs, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(_cfg(*overrides))
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_missing_data_file(outputs, which):
+    victim = outputs / ("data/vqa_rad/train.parquet" if which == "train" else "data/slake/val.parquet")
+    victim.unlink()
+    with pytest.raises(ValueError, match=rf"data.{which}_files: missing \['{victim}'\].*data_prep"):
+        check_config(_cfg())
+    check_config(_cfg(), check_files=False)
+
+
+def test_integers_for_floats_are_fine(outputs):
+    check_config(_cfg("vitos.w_iou=1", "vitos.w_keep=0"))
+
+
+def test_dry_run_refuses_before_ray(outputs):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "VITOS_OUTPUTS": str(outputs)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch" / "dualstream.sh"), "vitos.w_iou=nan"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode != 0
+    assert "vitos.w_iou=nan must be a finite number" in out.stderr + out.stdout
+    assert "Started a local Ray instance" not in out.stderr + out.stdout

@@ -1,0 +1,186 @@
+"""Start-up checks of the composed trainer config, run on the driver before Ray starts.
+
+Everything here needs only the config and the file system, so ``DRY_RUN=1 launch/dualstream.sh``
+and ``python -m vitos_verl.trainer.main ... dry_run=true`` refuse a bad config with the reason,
+instead of a failure minutes later inside a Ray worker (or never: ``vitos.w_iou=nan`` would
+silently turn every grounding score into 0).
+
+:func:`check_config` is the entry; every refusal is a ``ValueError`` whose message names the
+config key, the value and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from vitos_verl.pruning import CELL
+
+#: The smallest pixel budget accepted: a 4x4 grid of 28x28-pixel cells. Below it every image is a
+#: handful of visual tokens and a box has nothing to select (our choice; the GPU recipes use 1,280).
+MIN_VISUAL_TOKENS = 16
+
+# verl keys that must hold numbers: (dotted key, integer?, test, what the test demands).
+# ``None`` values are allowed where verl allows them (it derives the value).
+_NUMBERS: tuple[tuple[str, bool, Callable[[float], bool], str], ...] = (
+    ("data.train_batch_size", True, lambda v: v >= 1, ">= 1"),
+    ("data.max_prompt_length", True, lambda v: v >= 1, ">= 1"),
+    ("data.max_response_length", True, lambda v: v >= 1, ">= 1 (tokens each stream may generate)"),
+    ("data.min_pixels", True, lambda v: v >= CELL * CELL, f">= {CELL * CELL} (one 28x28 cell)"),
+    ("data.max_pixels", True, lambda v: v >= MIN_VISUAL_TOKENS * CELL * CELL,
+     f">= {MIN_VISUAL_TOKENS * CELL * CELL} ({MIN_VISUAL_TOKENS} visual tokens of 28x28 pixels)"),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size", True, lambda v: v >= 1, ">= 1"),
+    ("actor_rollout_ref.actor.ppo_epochs", True, lambda v: v >= 1, ">= 1"),
+    ("actor_rollout_ref.actor.optim.lr", False, lambda v: v >= 0, ">= 0"),
+    ("actor_rollout_ref.actor.kl_loss_coef", False, lambda v: v >= 0, ">= 0"),
+    ("actor_rollout_ref.actor.clip_ratio", False, lambda v: v > 0, "> 0"),
+    ("actor_rollout_ref.rollout.n", True, lambda v: v >= 1, ">= 1"),
+    ("actor_rollout_ref.rollout.temperature", False, lambda v: v >= 0, ">= 0"),
+    ("actor_rollout_ref.rollout.top_p", False, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("actor_rollout_ref.rollout.gpu_memory_utilization", False, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size", True, lambda v: v >= 1, ">= 1"),
+    ("trainer.total_epochs", True, lambda v: v >= 1, ">= 1"),
+    ("trainer.total_training_steps", True, lambda v: v >= 1, ">= 1 (or null: derived from the epochs)"),
+    ("trainer.save_freq", True, lambda v: v >= 1,
+     ">= 1: ViToS always checkpoints (every save_freq steps and at the last step), so a run can resume"),
+    ("trainer.test_freq", True, lambda v: v >= 1 or v == -1, ">= 1, or -1 for no periodic validation"),
+    ("trainer.nnodes", True, lambda v: v >= 1, ">= 1"),
+    ("trainer.n_gpus_per_node", True, lambda v: v >= 1, ">= 1"),
+)
+
+# verl options that ViToSRayTrainer.fit() (which replaces verl's loop) does not honour:
+# (dotted key, predicate on the value that means "asked for", why it is refused).
+_UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("algorithm.use_kl_in_reward", bool, "the KL penalty in the reward is not applied per stream; use "
+     "actor_rollout_ref.actor.use_kl_loss=true (the KL term in the loss, as the recipes do)"),
+    ("algorithm.rollout_correction.rollout_is", lambda v: v is not None,
+     "rollout importance sampling (TIS) is not applied to the two streams; set it to null"),
+    ("algorithm.rollout_correction.rollout_rs", lambda v: v is not None,
+     "rollout rejection sampling is not applied to the two streams; set it to null"),
+    ("algorithm.rollout_correction.bypass_mode", bool, "old log-probs are always recomputed per stream"),
+    ("algorithm.filter_groups.enable", bool, "dynamic sampling (DAPO group filtering) is not implemented"),
+    ("algorithm.use_pf_ppo", bool, "PF-PPO reweighting is not implemented"),
+    ("trainer.critic_warmup", lambda v: v not in (None, 0), "GRPO has no critic to warm up; set it to 0"),
+    ("trainer.rollout_data_dir", lambda v: v not in (None, ""),
+     "per-stream rollout dumps are not written yet; leave it null"),
+    ("trainer.validation_data_dir", lambda v: v not in (None, ""),
+     "validation dumps are not written yet; leave it null"),
+    ("trainer.log_val_generations", lambda v: v not in (None, 0), "validation samples are not logged yet; set it to 0"),
+    ("global_profiler.steps", lambda v: v not in (None, [], ()), "the profiler is not driven by the ViToS loop"),
+)
+
+
+def _get(config: DictConfig, key: str) -> Any:
+    return OmegaConf.select(config, key, default=None)
+
+
+def _check_number(config: DictConfig, key: str, integer: bool, test: Callable[[float], bool], demand: str) -> None:
+    value = _get(config, key)
+    if value is None:
+        return
+    kind = "an integer" if integer else "a number"
+    is_num = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not is_num or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{key}={value!r} must be {kind} {demand}")
+    if not test(value):
+        raise ValueError(f"{key}={value!r} must be {demand}")
+
+
+def _files(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    raise ValueError(f"expected a path or a list of paths, got {value!r}")
+
+
+def check_data_files(config: DictConfig) -> None:
+    """``data.train_files`` and ``data.val_files`` name existing files.
+
+    Raises:
+        ValueError: a list is empty, or a file is missing (the message names it and how to make it).
+    """
+    for key in ("data.train_files", "data.val_files"):
+        files = _files(_get(config, key))
+        if not files:
+            raise ValueError(f"{key} is empty: name the parquet files data_prep writes")
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ValueError(
+                f"{key}: missing {missing}. Prepare them with data_prep (`make data`, or "
+                "`python -m data_prep.slake --src ... --out ...`) or point the recipe elsewhere "
+                "(outputs_dir / VITOS_OUTPUTS)."
+            )
+
+
+def check_reward_kwargs(config: DictConfig) -> None:
+    """The reward loop (reasoning stream) and the driver (grounding stream) score with one set of
+    kwargs: ``reward.custom_reward_function.reward_kwargs`` must equal what the ``vitos`` block and
+    the data pixel budget give (:meth:`ViToSConfig.reward_kwargs`).
+
+    Raises:
+        ValueError: any key differs; the message lists (configured, expected) per key.
+    """
+    from vitos_verl.trainer.config import ViToSConfig
+
+    vitos = ViToSConfig.from_mapping(OmegaConf.to_container(config.vitos, resolve=True))
+    expected = vitos.reward_kwargs(int(config.data.min_pixels), int(config.data.max_pixels))
+    configured = OmegaConf.to_container(_get(config, "reward.custom_reward_function.reward_kwargs") or {}, resolve=True)
+    diff = {k: (configured.get(k), v) for k, v in expected.items() if configured.get(k) != v}
+    extra = sorted(set(configured) - set(expected))
+    if diff or extra:
+        raise ValueError(
+            "reward.custom_reward_function.reward_kwargs must equal the vitos block and the data pixel budget "
+            f"(the reward loop scores the reasoning stream, the driver the grounding one); differing (configured, "
+            f"expected): {diff}; unknown keys: {extra}. Use the interpolations of vitos_trainer.yaml."
+        )
+
+
+def unsupported_options(config: DictConfig) -> Iterable[tuple[str, Any, str]]:
+    """The verl options set in ``config`` that the ViToS loop does not honour: ``(key, value, why)``."""
+    for key, asked, why in _UNSUPPORTED:
+        value = _get(config, key)
+        if value is not None and asked(value):
+            yield key, value, why
+
+
+def check_config(config: DictConfig, check_files: bool = True) -> None:
+    """All start-up checks (see module doc); needs no Ray, reads only the config and the files.
+
+    Args:
+        config: the composed, resolved trainer config (verl's ``ppo_trainer`` + ``vitos``).
+        check_files: also require ``data.train_files`` / ``data.val_files`` to exist.
+
+    Raises:
+        ValueError: the first problem found, with the key, the value and the reason.
+    """
+    from vitos_verl.trainer.config import ViToSConfig
+
+    # the vitos block first: verl keys such as rollout.n interpolate it, and the message should
+    # name the key the user set
+    cfg = ViToSConfig.from_mapping(OmegaConf.to_container(config.vitos, resolve=True))
+    for key, integer, test, demand in _NUMBERS:
+        _check_number(config, key, integer, test, demand)
+    min_px, max_px = int(config.data.min_pixels), int(config.data.max_pixels)
+    if max_px < min_px:
+        raise ValueError(f"data.max_pixels={max_px} < data.min_pixels={min_px}: the pixel budget is empty")
+    cfg.check_batch(int(config.data.train_batch_size), int(config.actor_rollout_ref.actor.ppo_mini_batch_size))
+    if int(config.actor_rollout_ref.rollout.n) != cfg.n_g:
+        raise ValueError(f"actor_rollout_ref.rollout.n={config.actor_rollout_ref.rollout.n} must equal vitos.n_g={cfg.n_g}")
+    if config.trainer.use_v1:
+        raise ValueError("the ViToS trainer runs on verl's DataProto driver: set trainer.use_v1=false")
+    if config.algorithm.adv_estimator != "grpo":
+        raise ValueError(f"ViToS uses GRPO advantages per stream; algorithm.adv_estimator={config.algorithm.adv_estimator!r}")
+    check_reward_kwargs(config)
+    refused = list(unsupported_options(config))
+    if refused:
+        lines = "; ".join(f"{k}={v!r}: {why}" for k, v, why in refused)
+        raise ValueError(f"options the ViToS trainer does not honour (refused rather than ignored): {lines}")
+    if check_files:
+        check_data_files(config)
