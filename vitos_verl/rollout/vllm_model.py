@@ -17,6 +17,12 @@ vLLM keys its prefix and encoder caches by the image and ``mm_processor_kwargs``
 whose boxes select the same cells carry the same ``vitos_keep`` text and share one cached
 prefix. No ``vitos_keep`` means no pruning: exactly the stock model.
 
+The ViT cache is a bounded LRU (``VITOS_VIT_CACHE_ITEMS`` images, default 256, and
+``VITOS_VIT_CACHE_MB`` MiB of features, default 1024) and never outlives the weights it was
+computed with: every ``load_weights`` call empties it (verl's weight sync streams the policy in
+through it in chunks), and so does every ``reset_encoder_cache`` of the model runner (vLLM's
+``reload_weights``; verl's post-sync ``clear_kv_cache``, hybrid sleep and request aborts).
+
 Select it without touching the checkpoint:
 ``LLM(model, hf_overrides={"architectures": [ARCH]})`` once the plugin is registered
 (``vllm.general_plugins`` entry point of this package, :mod:`vitos_verl.rollout.vllm_plugin`).
@@ -26,8 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,10 +55,44 @@ KEEP_KWARG = "vitos_keep"
 MASK_FIELD = "vitos_keep_mask"
 KEY_FIELD = "vitos_image_key"
 VIT_CACHE_ITEMS = int(os.environ.get("VITOS_VIT_CACHE_ITEMS", "256"))
+VIT_CACHE_BYTES = int(float(os.environ.get("VITOS_VIT_CACHE_MB", "1024")) * (1 << 20))
 
 
 def _strip(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if not k.startswith("vitos_")}
+
+
+def clear_vit_cache_on_encoder_reset() -> None:
+    """Make vLLM's ``reset_encoder_cache`` also empty this model's ViT cache (idempotent).
+
+    vLLM 0.24.0 resets a model runner's encoder cache (``GPUModelRunner.reset_encoder_cache``,
+    ``vllm/v1/worker/gpu_model_runner.py``, inherited by the CPU runner, and the V2 runner's in
+    ``vllm/v1/worker/gpu/model_runner.py``) wherever encoder outputs may be stale: at the end of
+    ``reload_weights`` (whose kernel-format branch copies weights without ``load_weights``) and
+    from ``EngineCore.reset_encoder_cache``, which verl 0.9.1 calls after every weight sync
+    (``vLLMHttpServer.clear_kv_cache`` in ``vllm_async_server.py``), after a hybrid sleep and when
+    it aborts requests. Wrapping it covers weight changes that bypass ``load_weights`` (a LoRA
+    adapter on the tower, added by ``add_lora``) and frees the cache while the rollout sleeps.
+    Patches the runner classes already imported (the one building this model is), no others.
+    """
+    for name in ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner"):
+        runner_cls = getattr(sys.modules.get(name), "GPUModelRunner", None)
+        if runner_cls is None or getattr(runner_cls.reset_encoder_cache, "_vitos", False):
+            continue
+        orig = runner_cls.reset_encoder_cache
+
+        def reset_encoder_cache(self, _orig=orig) -> None:
+            _orig(self)
+            try:
+                model = self.get_model()
+            except (AttributeError, ValueError):  # no model loaded yet
+                return
+            clear = getattr(model, "clear_vit_cache", None)
+            if clear is not None:
+                clear()
+
+        reset_encoder_cache._vitos = True
+        runner_cls.reset_encoder_cache = reset_encoder_cache
 
 
 def _image_key(pixel_values: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -125,13 +166,45 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     ViToSMultiModalProcessor, info=ViToSProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
 class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL whose image items may be pruned to the cells of a keep mask."""
+    """Qwen2.5-VL whose image items may be pruned to the cells of a keep mask.
+
+    ViT cache knobs, per instance: ``vit_cache_max_items`` / ``vit_cache_max_bytes`` (its LRU
+    bounds, from ``VITOS_VIT_CACHE_ITEMS`` / ``VITOS_VIT_CACHE_MB``) and the counters
+    ``vit_cache_hits``, ``vit_cache_misses`` (images encoded) and ``vit_cache_clears``.
+    """
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vit_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._vit_cache_bytes = 0
+        self.vit_cache_max_items = VIT_CACHE_ITEMS
+        self.vit_cache_max_bytes = VIT_CACHE_BYTES
         self.vit_cache_hits = 0
         self.vit_cache_misses = 0
+        self.vit_cache_clears = 0
+        clear_vit_cache_on_encoder_reset()
+
+    # -- weights: features computed with old weights never outlive them ---------------------
+    def clear_vit_cache(self) -> None:
+        """Drop every cached vision-encoder output (counted in ``vit_cache_clears``)."""
+        self._vit_cache.clear()
+        self._vit_cache_bytes = 0
+        self.vit_cache_clears += 1
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM 0.24.0's Qwen2.5-VL ``load_weights``, then empty the ViT cache.
+
+        ``weights``: ``(name, tensor)`` pairs in checkpoint naming (``model.visual.*``,
+        ``visual.*``, ``model.language_model.*``, ...; any subset, any shape/dtype the parameter's
+        loader accepts). Any call invalidates the cache, a partial or failing one too: verl
+        0.9.1's weight sync (``vLLMColocateWorkerExtension._update_weights``) calls it once per
+        received bucket. Returns the loaded vLLM parameter names (``set[str]``), like the parent;
+        raises what the parent raises (unknown name, shape mismatch).
+        """
+        try:
+            return super().load_weights(weights)
+        finally:
+            self.clear_vit_cache()
 
     # -- vision: one ViT pass per image, whatever the box --------------------------------
     def _full_image_embeds(self, pixel_values: torch.Tensor, grid: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
@@ -146,13 +219,18 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             feats = self.visual(torch.cat([pix[i] for i in missing]), grid_thw=sub_grid.tolist())
             sizes = (sub_grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
             for i, f in zip(missing, feats.split(sizes)):
+                f = f.clone() if len(missing) > 1 else f  # own storage: eviction frees it
                 self._vit_cache[kb[i]] = f
+                self._vit_cache_bytes += f.numel() * f.element_size()
         out = []
         for k in kb:
             self._vit_cache.move_to_end(k)
             out.append(self._vit_cache[k])
-        while len(self._vit_cache) > VIT_CACHE_ITEMS:
-            self._vit_cache.popitem(last=False)
+        while self._vit_cache and (
+            len(self._vit_cache) > self.vit_cache_max_items or self._vit_cache_bytes > self.vit_cache_max_bytes
+        ):  # least recently used first; this call's outputs are already held in ``out``
+            _, f = self._vit_cache.popitem(last=False)
+            self._vit_cache_bytes -= f.numel() * f.element_size()
         return out
 
     def embed_multimodal(self, **kwargs: object):
