@@ -1,31 +1,41 @@
-"""Shared plumbing of the converters: image checks, skip accounting, parquet writing, CLI.
+"""Shared plumbing of the converters: source checks, image checks, skip accounting, parquet writing, CLI.
 
-Every input row ends in exactly one place: written, or counted under a skip reason (bad
-input) or a filter (a row the options leave out, e.g. another language). The summary
-printed and written as JSON lists both, so nothing is dropped silently.
+Every input row ends in exactly one place: written, or counted under a skip reason (a bad
+record, :data:`SKIP_REASONS`) or a filter (a row the options leave out, e.g. another
+language); ``rows_in == rows_out + skipped + filtered`` is checked for every split. A problem
+with a whole source file (missing, truncated or non-UTF-8 JSON, wrong top-level type, an
+HF parquet without the needed columns) raises :class:`SourceFileError` naming the file before
+anything is written. The parquet files and ``summary.json`` are published together (temp
+files, then renames), so a summary never describes parquet it was not written with.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
 import json
+import math
 import os
 import re
+import struct
+import sys
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from vitos_verl.data import make_row
+from vitos_verl.pruning.geometry import smart_resize
 
 # Explicit schema: stable types whatever the rows hold (e.g. no row with boxes or options).
 _BOXES = pa.list_(pa.list_(pa.float64()))
@@ -66,13 +76,43 @@ SCHEMA = pa.schema(
 # Canonical split names; HF layouts name them differently.
 SPLIT_ALIASES = {"train": "train", "validation": "val", "validate": "val", "valid": "val", "val": "val", "test": "test"}
 
+# Every reason a record can be skipped for (the summary's ``skipped`` keys).
+SKIP_REASONS: dict[str, str] = {
+    "malformed_record": "not a JSON object, a required key missing, or a field of the wrong type",
+    "bad_image_name": "image name null, not a string, empty, absolute or leaving the image folder",
+    "non_string_question": "question is not a string",
+    "non_string_answer": "answer is null, a boolean, a float, a list or an object (never stringified)",
+    "empty_question_or_answer": "question or answer empty after stripping",
+    "missing_image": "image file (or HF image bytes) absent",
+    "image_not_a_file": "image path is a directory or another non-file",
+    "unreadable_image": "image file exists but cannot be read",
+    "corrupt_image": "Pillow cannot decode the image fully",
+    "image_too_large": "more pixels than Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)",
+    "bad_aspect_ratio": "aspect ratio Qwen2.5-VL's processor refuses (transformers' smart_resize: over 200)",
+    "malformed_detection": "the image's SLAKE detection.json is unreadable or not a list of {label: [x, y, w, h]}",
+    "bad_box": "a box the row needs is not 4 finite numbers with w, h > 0, or lies outside the image",
+    "duplicate_qid": "record id already written in this split (the first one is kept)",
+}
+MAX_DUPLICATES_LISTED = 50
+
+
+class DataPrepError(ValueError):
+    """A problem with the inputs or options given (the CLI prints it as one line, exit 2)."""
+
+
+class SourceFileError(DataPrepError):
+    """A whole source file (or split) cannot be used; the message names the file."""
+
 
 class SkipRow(Exception):
-    """A record that cannot become a row; ``reason`` is the summary's key."""
+    """A record that cannot become a row; ``reason`` is the summary's key (:data:`SKIP_REASONS`)."""
 
     def __init__(self, reason: str, detail: str = ""):
+        if reason not in SKIP_REASONS:
+            raise KeyError(f"undocumented skip reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass
@@ -85,10 +125,36 @@ class SplitReport:
     filtered: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+    _written_ids: dict[str, int] = field(default_factory=dict, repr=False)
 
     def skip(self, reason: str, detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise KeyError(f"undocumented skip reason {reason!r}")
         self.skipped[reason] += 1
-        self.examples.setdefault(reason, detail)
+        self.examples.setdefault(reason, detail[:300])
+
+    def note(self, key: str, detail: str = "", n: int = 1) -> None:
+        """Count something worth knowing that does not drop the row (e.g. a clipped box)."""
+        self.notes[key] += n
+        if detail:
+            self.examples.setdefault(key, detail[:300])
+
+    def claim_id(self, record_id: str, where: str) -> None:
+        """Mark ``record_id`` as written; a second row with the same id is a duplicate.
+
+        Raises:
+            SkipRow: ``duplicate_qid`` (the id is listed in the summary's ``duplicate_ids``).
+        """
+        if not record_id:
+            return
+        if record_id in self._written_ids:
+            if len(self.duplicates) < MAX_DUPLICATES_LISTED:
+                self.duplicates.append(record_id)
+            raise SkipRow(
+                "duplicate_qid", f"{record_id!r} at {where}, first written as row {self._written_ids[record_id]}"
+            )
+        self._written_ids[record_id] = len(self._written_ids)
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -97,11 +163,21 @@ class SplitReport:
         try:
             yield
         except SkipRow as e:
-            self.skip(e.reason, str(e))
+            self.skip(e.reason, e.detail)
         except ValueError as e:
             self.skip("malformed_record", str(e))
 
+    def check(self, where: str) -> None:
+        """Raises ``AssertionError`` unless every row in is out, skipped or filtered."""
+        accounted = self.rows_out + sum(self.skipped.values()) + sum(self.filtered.values())
+        if accounted != self.rows_in:
+            raise AssertionError(
+                f"{where}: row accounting broken: rows_in={self.rows_in} but rows_out={self.rows_out} "
+                f"+ skipped={sum(self.skipped.values())} + filtered={sum(self.filtered.values())} = {accounted}"
+            )
+
     def as_dict(self) -> dict[str, Any]:
+        """The split's part of ``summary.json`` (``rows_in``, ``rows_out``, ``skipped``, ...)."""
         return {
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,
@@ -109,13 +185,60 @@ class SplitReport:
             "filtered": dict(sorted(self.filtered.items())),
             "notes": dict(sorted(self.notes.items())),
             "skip_examples": dict(sorted(self.examples.items())),
+            "duplicate_ids": list(self.duplicates),
         }
+
+
+# --- record fields -------------------------------------------------------------------------
+
+
+def question_answer(
+    rec: dict[str, Any], report: SplitReport, q_key: str = "question", a_key: str = "answer"
+) -> tuple[str, str]:
+    """The question and answer text of a record, checked, never stringified from another type.
+
+    A JSON integer answer (VQA-RAD has ten, e.g. ``4`` for "How many gallstones?") is exact as
+    its decimal text and kept (counted in ``notes.answer_int_as_text``); null, booleans, floats,
+    lists and objects are not answers.
+
+    Raises:
+        SkipRow: ``non_string_question``, ``non_string_answer`` or ``empty_question_or_answer``.
+    """
+    q, a = rec.get(q_key), rec.get(a_key)
+    rid = rec.get("qid", rec.get("id", ""))
+    if not isinstance(q, str):
+        raise SkipRow("non_string_question", f"qid {rid}: question {q!r}"[:200])
+    if isinstance(a, int) and not isinstance(a, bool):
+        report.note("answer_int_as_text", f"qid {rid}: {a!r}")
+        a = str(a)
+    if not isinstance(a, str):
+        raise SkipRow("non_string_answer", f"qid {rid}: answer {a!r}"[:200])
+    if not q.strip() or not a.strip():
+        raise SkipRow("empty_question_or_answer", f"qid {rid}")
+    return q, a
+
+
+def image_path(root: Path, name: Any) -> Path:
+    """``root / name`` for a record's relative image name, refusing names that are not one.
+
+    Raises:
+        SkipRow: ``bad_image_name`` (null, not a string, empty, absolute, ``..``, NUL).
+    """
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise SkipRow("bad_image_name", repr(name)[:200])
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts:
+        raise SkipRow("bad_image_name", repr(name)[:200])
+    return root.joinpath(*p.parts)
+
+
+# --- images --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class CheckedImage:
     data: bytes
-    size: tuple[int, int]  # original (W, H)
+    size: tuple[int, int]  # original (W, H), pixels
 
 
 class ImageCache:
@@ -125,71 +248,141 @@ class ImageCache:
         self._cache: dict[str, CheckedImage | SkipRow] = {}
 
     def load(self, path: str | os.PathLike) -> CheckedImage:
-        """Bytes and size of an image file.
+        """Bytes and original ``(W, H)`` of an image file, checked by :func:`check_image_bytes`.
 
         Raises:
-            SkipRow: ``missing_image`` or ``corrupt_image``.
+            SkipRow: ``missing_image``, ``image_not_a_file``, ``unreadable_image`` or a reason
+                of :func:`check_image_bytes`.
         """
         key = str(path)
         if key not in self._cache:
+            p = Path(path)
             try:
-                data = Path(path).read_bytes()
-                self._cache[key] = check_image_bytes(data)
-            except FileNotFoundError:
+                if p.exists() and not p.is_file():  # a folder; a FIFO would block read_bytes
+                    raise IsADirectoryError(key)
+                self._cache[key] = check_image_bytes(p.read_bytes())
+            except (FileNotFoundError, NotADirectoryError):
                 self._cache[key] = SkipRow("missing_image", key)
+            except IsADirectoryError:
+                self._cache[key] = SkipRow("image_not_a_file", key)
+            except OSError as e:
+                self._cache[key] = SkipRow("unreadable_image", f"{key}: {e}")
             except SkipRow as e:
-                self._cache[key] = SkipRow(e.reason, key)
+                self._cache[key] = SkipRow(e.reason, f"{key}: {e.detail}")
         hit = self._cache[key]
         if isinstance(hit, SkipRow):
             raise hit
         return hit
 
 
-def check_image_bytes(data: bytes | None) -> CheckedImage:
-    """Decode an encoded image fully (not just its header) and return its size.
+def check_image_size(size: tuple[int, int]) -> None:
+    """Refuse an original ``(W, H)`` (pixels) the trainer could not use.
+
+    The pixel limit is Pillow's own (``PIL.Image.MAX_IMAGE_PIXELS``, read at call time); the
+    aspect-ratio rule is Qwen2.5-VL's processor's, applied by calling
+    :func:`vitos_verl.pruning.geometry.smart_resize` (transformers' ``smart_resize``).
 
     Raises:
-        SkipRow: ``corrupt_image`` when Pillow cannot decode it or it has no pixels.
+        SkipRow: ``corrupt_image`` (no pixels), ``image_too_large`` or ``bad_aspect_ratio``.
     """
+    w, h = (int(v) for v in size)
+    if w <= 0 or h <= 0:
+        raise SkipRow("corrupt_image", f"size {w}x{h}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:
+        raise SkipRow("image_too_large", f"{w}x{h} = {w * h} pixels > PIL.Image.MAX_IMAGE_PIXELS {limit}")
+    try:
+        smart_resize(w, h)
+    except ValueError as e:
+        raise SkipRow("bad_aspect_ratio", f"{w}x{h}: {e}") from e
+
+
+def check_image_bytes(data: bytes | None) -> CheckedImage:
+    """Check an encoded image: size first (:func:`check_image_size`, from the header, before any
+    pixel is decoded), then a full decode; returns the bytes and original ``(W, H)`` in pixels.
+
+    Raises:
+        SkipRow: ``missing_image`` (no bytes), ``corrupt_image``, ``image_too_large`` or
+            ``bad_aspect_ratio``.
+    """
+    if data is None:
+        raise SkipRow("missing_image", "no image bytes")
     if not data:
         raise SkipRow("corrupt_image", "empty image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            size = im.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, by name
+            with Image.open(io.BytesIO(data)) as im:
+                size = im.size
+                check_image_size(size)
+                im.load()
+    except Image.DecompressionBombError as e:
+        raise SkipRow("image_too_large", str(e)[:200]) from e
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as e:
         raise SkipRow("corrupt_image", str(e)[:200]) from e
-    if size[0] <= 0 or size[1] <= 0:
-        raise SkipRow("corrupt_image", f"size {size}")
     return CheckedImage(data, (int(size[0]), int(size[1])))
 
 
-def clip_boxes(boxes: Iterable[list[float]], size: tuple[int, int], report: SplitReport) -> list[list[float]]:
-    """Clip ``[x1, y1, x2, y2]`` original-pixel boxes to the image; drop empty ones (counted)."""
+def clip_boxes(
+    boxes: list[list[float]], size: tuple[int, int], report: SplitReport, where: str = ""
+) -> list[list[float]]:
+    """Clip ``[x1, y1, x2, y2]`` original-pixel boxes to the ``(W, H)`` image.
+
+    A box partly outside is clipped (``notes.boxes_clipped``); the notes are counted only
+    when every box is usable.
+
+    Raises:
+        SkipRow: ``bad_box`` when a coordinate is not finite or a box has no area inside the image.
+    """
     W, H = size
-    out = []
+    out, clipped = [], 0
     for b in boxes:
         x1, y1, x2, y2 = (float(v) for v in b)
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            raise SkipRow("bad_box", f"{where}: {b}")
         c = [min(max(x1, 0.0), W), min(max(y1, 0.0), H), min(max(x2, 0.0), W), min(max(y2, 0.0), H)]
-        if c != [x1, y1, x2, y2]:
-            report.notes["boxes_clipped"] += 1
         if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
-            report.notes["boxes_dropped_empty"] += 1
-            continue
+            raise SkipRow("bad_box", f"{where}: {b} has no area inside the {W}x{H} image")
+        clipped += c != [x1, y1, x2, y2]
         out.append(c)
+    if clipped:
+        report.note("boxes_clipped", where, clipped)
     return out
 
 
-def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write rows with :data:`SCHEMA` atomically (tmp file then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+# --- source files --------------------------------------------------------------------------
+
+
+def load_json_list(path: Path) -> list[Any]:
+    """The records of a JSON split file: its top level must be a list.
+
+    Raises:
+        SourceFileError: the file is missing, not a file, not UTF-8, not valid JSON (e.g.
+            truncated) or its top level is not a list; the message names the file.
+    """
+    if not path.exists():
+        raise SourceFileError(f"{path}: split file missing")
+    if not path.is_file():
+        raise SourceFileError(f"{path}: not a file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except OSError as e:
+        raise SourceFileError(f"{path}: cannot be read ({e})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SourceFileError(f"{path}: not valid JSON, truncated or damaged ({e})") from e
+    if not isinstance(data, list):
+        what = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
+        raise SourceFileError(f"{path}: top level is {what}, expected a list of records")
+    return data
 
 
 # --- Hugging Face parquet layout (image bytes + question + answer) -------------------------
+
+HF_COLUMNS = ("image", "question", "answer")
 
 
 def hf_parquet_files(src: Path) -> dict[str, list[Path]]:
@@ -203,6 +396,21 @@ def hf_parquet_files(src: Path) -> dict[str, list[Path]]:
         if m:
             out.setdefault(SPLIT_ALIASES[m.group(1)], []).append(Path(f))
     return out
+
+
+def check_hf_file(path: Path) -> None:
+    """An HF-layout parquet file must open and hold the :data:`HF_COLUMNS`.
+
+    Raises:
+        SourceFileError: unreadable parquet, or a needed column absent (the file is named).
+    """
+    try:
+        names = set(pq.ParquetFile(path).schema_arrow.names)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceFileError(f"{path}: not a readable parquet file ({e})") from e
+    missing = [c for c in HF_COLUMNS if c not in names]
+    if missing:
+        raise SourceFileError(f"{path}: HF layout needs columns {list(HF_COLUMNS)}, missing {missing}")
 
 
 def hf_records(files: list[Path]) -> Iterator[dict[str, Any]]:
@@ -233,35 +441,55 @@ def convert_hf(dataset: str, files: list[Path], split: str, report: SplitReport)
     for i, rec in enumerate(tqdm(hf_records(files), desc=f"{dataset}/{split}", unit="row", leave=False)):
         report.rows_in += 1
         with report.guard():
-            q, a = rec.get("question"), rec.get("answer")
-            if not isinstance(q, str) or not q.strip() or a is None or not str(a).strip():
-                raise SkipRow("empty_question_or_answer", f"row {i}")
+            q, a = question_answer(rec, report)
             data, path = hf_image_bytes(rec.get("image"))
             img = check_image_bytes(data)
-            rows.append(
-                make_row(
-                    data_source=dataset,
-                    split=split,
-                    index=i,
-                    question=q,
-                    answer=str(a),
-                    image_bytes=img.data,
-                    image_path=path or f"{split}/{i}",
-                    image_size=img.size,
-                    answer_type=str(rec.get("answer_type") or infer_answer_type(str(a))),
-                    question_type=str(rec.get("question_type") or rec.get("content_type") or ""),
-                    modality=str(rec.get("modality") or ""),
-                    organ=str(rec.get("location") or rec.get("image_organ") or ""),
-                    record_id=str(rec.get("qid") or rec.get("id") or i),
-                )
+            rid = rec.get("qid") if rec.get("qid") is not None else rec.get("id")
+            row = make_row(
+                data_source=dataset,
+                split=split,
+                index=len(rows),
+                question=q,
+                answer=a,
+                image_bytes=img.data,
+                image_path=path or f"{split}/{i}",
+                image_size=img.size,
+                answer_type=str(rec.get("answer_type") or infer_answer_type(a)),
+                question_type=str(rec.get("question_type") or rec.get("content_type") or ""),
+                modality=str(rec.get("modality") or ""),
+                organ=str(rec.get("location") or rec.get("image_organ") or ""),
+                record_id=str(rid if rid is not None else i),
             )
+            if rid is not None:
+                report.claim_id(str(rid), f"row {i}")
+            rows.append(row)
     return rows
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # --- CLI -----------------------------------------------------------------------------------
 
+Converter = Callable[[list[Any], str, argparse.Namespace, SplitReport], list[dict[str, Any]]]
+
 
 def parser(dataset: str, default_src: str, splits: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The CLI options every converter shares (``--src --out --splits --lang --limit``)."""
     p = argparse.ArgumentParser(
         prog=f"python -m data_prep.{dataset}",
         description=f"Convert {dataset} (release layout or Hugging Face parquet layout) to verl parquet.",
@@ -274,54 +502,117 @@ def parser(dataset: str, default_src: str, splits: tuple[str, ...]) -> argparse.
     return p
 
 
-def run(
-    dataset: str,
-    args: argparse.Namespace,
-    release: Callable[[Path, str, argparse.Namespace, SplitReport], list[dict[str, Any]]],
-) -> dict[str, Any]:
-    """Convert every requested split, write ``<out>/<split>.parquet`` and ``summary.json``.
+def run(dataset: str, args: argparse.Namespace, convert: Converter, release_files: dict[str, str]) -> dict[str, Any]:
+    """Convert every requested split, write ``<out>/<split>.parquet`` and ``<out>/summary.json``.
 
-    ``release(src, split, args, report)`` converts the dataset's release layout; the HF
-    parquet layout is detected (any ``*.parquet`` under ``--src``) and handled here.
+    First every asked split's source is read and checked (release layout: the JSON file
+    ``release_files[split]`` under ``--src``, loaded with :func:`load_json_list`; HF parquet
+    layout, detected by any ``*.parquet`` under ``--src``: :func:`check_hf_file`), so a
+    whole-file problem stops the run before anything is written. Then each split is converted
+    by ``convert(records, split, args, report)`` (or :func:`convert_hf`) into a temp parquet;
+    at the end the old summary is removed, the parquet files renamed into place and the new
+    summary written (temp + rename). The summary gives, per split, the row accounting, the
+    ``box_rules`` distribution of the written rows and each parquet's size and sha256.
 
     Raises:
         FileNotFoundError: ``--src`` does not exist.
-        ValueError: an unknown split, or a split absent from an HF-layout folder.
+        DataPrepError: no split or an unknown split asked for (a ``ValueError``).
+        SourceFileError: a split's source file is missing or unusable (named in the message).
+        AssertionError: ``rows_in != rows_out + skipped + filtered`` (a converter bug).
     """
     src: Path = args.src
     if not src.exists():
         raise FileNotFoundError(f"{dataset}: source folder {src} does not exist")
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    splits = list(dict.fromkeys(s.strip() for s in args.splits.split(",") if s.strip()))
+    if not splits:
+        raise DataPrepError(f"{dataset}: no split asked for (--splits {args.splits!r})")
     hf = hf_parquet_files(src)
-    summary: dict[str, Any] = {"dataset": dataset, "src": str(src), "layout": "hf_parquet" if hf else "release", "splits": {}}
-    for split in splits:
-        report = SplitReport()
-        if hf:
+    sources: dict[str, Any] = {}
+    if hf:
+        for split in splits:
             if split not in hf:
-                raise ValueError(f"{dataset}: no parquet for split {split!r} under {src} (found {sorted(hf)})")
-            rows = convert_hf(dataset, hf[split], split, report)
-        else:
-            rows = release(src, split, args, report)
-        if args.limit and len(rows) > args.limit:
-            report.filtered["limit"] += len(rows) - args.limit
-            rows = rows[: args.limit]
-        report.rows_out = len(rows)
-        accounted = report.rows_out + sum(report.skipped.values()) + sum(report.filtered.values())
-        assert accounted == report.rows_in, f"row accounting broken: {accounted} != {report.rows_in}"
-        out = args.out / f"{split}.parquet"
-        write_parquet(rows, out)
-        summary["splits"][split] = {"file": str(out), **report.as_dict()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                raise SourceFileError(f"{dataset}: no parquet for split {split!r} under {src} (found {sorted(hf)})")
+            for f in hf[split]:
+                check_hf_file(f)
+            sources[split] = hf[split]
+    else:
+        unknown = [s for s in splits if s not in release_files]
+        if unknown:
+            raise DataPrepError(f"{dataset}: unknown split(s) {unknown} (choose from {sorted(release_files)})")
+        for split in splits:
+            sources[split] = load_json_list(src / release_files[split])
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    options = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in ("src", "out")
+    }
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "src": str(src),
+        "layout": "hf_parquet" if hf else "release",
+        "options": options,
+        "splits": {},
+    }
+    temps: dict[str, Path] = {}
+    try:
+        for split in splits:
+            report = SplitReport()
+            if hf:
+                rows = convert_hf(dataset, sources[split], split, report)
+            else:
+                rows = convert(sources.pop(split), split, args, report)
+            if args.limit and len(rows) > args.limit:
+                report.filtered["limit"] += len(rows) - args.limit
+                rows = rows[: args.limit]
+            report.rows_out = len(rows)
+            report.check(f"{dataset}/{split}")
+            rules = Counter(r["extra_info"]["box_rule"] for r in rows)
+            final = out / f"{split}.parquet"
+            temps[split] = tmp = out / f".{split}.parquet.tmp"
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp, compression="zstd")
+            del rows
+            summary["splits"][split] = {
+                "file": str(final),
+                "bytes": tmp.stat().st_size,
+                "sha256": _sha256(tmp),
+                "box_rules": {r: rules.get(r, 0) for r in ("named", "none", "all")},
+                **report.as_dict(),
+            }
+        summary_path = out / "summary.json"
+        summary_path.unlink(missing_ok=True)  # never left beside parquet it does not describe
+        for split, tmp in temps.items():
+            os.replace(tmp, out / f"{split}.parquet")
+        _write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
     print_summary(summary)
     return summary
 
 
+def cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a converter's ``main``; a bad option or a missing or unusable source is one line on
+    stderr and exit status 2."""
+    try:
+        main(None)
+    except (DataPrepError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def print_summary(summary: dict[str, Any]) -> None:
+    """Rows in/out, skip and filter reasons, box rules and notes of each split, on stdout."""
     print(f"== {summary['dataset']} ({summary['layout']} layout, {summary['src']})")
     for split, s in summary["splits"].items():
         skipped = ", ".join(f"{k}={v}" for k, v in s["skipped"].items()) or "none"
         filtered = ", ".join(f"{k}={v}" for k, v in s["filtered"].items()) or "none"
-        print(f"  {split:5s} rows_in={s['rows_in']:6d} rows_out={s['rows_out']:6d} skipped: {skipped}; filtered: {filtered}")
+        print(
+            f"  {split:5s} rows_in={s['rows_in']:6d} rows_out={s['rows_out']:6d} skipped: {skipped}; filtered: {filtered}"
+        )
+        if any(s["box_rules"][r] for r in ("named", "all")):
+            print("        box rules: " + ", ".join(f"{k}={v}" for k, v in s["box_rules"].items()))
         if s["notes"]:
             print("        notes: " + ", ".join(f"{k}={v}" for k, v in s["notes"].items()))
+        if s["duplicate_ids"]:
+            print(f"        duplicate ids (written once): {', '.join(s['duplicate_ids'][:10])}")

@@ -10,13 +10,12 @@ keeps the frame rows too. There is no official val split: ``val`` is not offered
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.common import ImageCache, SkipRow, SplitReport, parser, run
+from data_prep.common import ImageCache, SkipRow, SplitReport, cli, image_path, parser, question_answer, run
 from vitos_verl.data import make_row
 
 DATASET = "vqa_rad"
@@ -24,51 +23,55 @@ RELEASE_SPLITS = {"train": "trainset.json", "test": "testset.json"}
 DEFAULT_PHRASE_TYPES = ("freeform", "para")
 
 
-def convert_release(src: Path, split: str, args: argparse.Namespace, report: SplitReport) -> list[dict[str, Any]]:
-    """Rows of one VQA-RAD split from the MEVF release layout."""
-    if split not in RELEASE_SPLITS:
-        raise ValueError(f"vqa_rad: unknown split {split!r} (choose from {sorted(RELEASE_SPLITS)})")
+def convert_release(
+    records: list[Any], split: str, args: argparse.Namespace, report: SplitReport
+) -> list[dict[str, Any]]:
+    """Rows of one VQA-RAD split from its MEVF release-layout records (one row per record)."""
+    src: Path = args.src
     phrase_types = None if args.phrase_types == "all" else set(args.phrase_types.split(","))
-    records = json.loads((src / RELEASE_SPLITS[split]).read_text())
     images = ImageCache()
     rows = []
-    for rec in tqdm(records, desc=f"vqa_rad/{split}", unit="row", leave=False):
+    for n, rec in enumerate(tqdm(records, desc=f"vqa_rad/{split}", unit="row", leave=False)):
         report.rows_in += 1
         with report.guard():
             if not isinstance(rec, dict) or not all(k in rec for k in ("image_name", "question", "answer")):
-                raise SkipRow("malformed_record", repr(rec)[:200])
+                raise SkipRow("malformed_record", f"record {n}: {rec!r}"[:200])
             pt = str(rec.get("phrase_type", "")).strip()
             if phrase_types is not None and pt not in phrase_types:
                 report.filtered[f"phrase_type_{pt}"] += 1
                 continue
-            question, answer = rec["question"], str(rec["answer"])
-            if not isinstance(question, str) or not question.strip() or not answer.strip():
-                raise SkipRow("empty_question_or_answer", f"qid {rec.get('qid')}")
-            img = images.load(src / "images" / rec["image_name"])
-            rows.append(
-                make_row(
-                    data_source=DATASET,
-                    split=split,
-                    index=len(rows),
-                    question=question,
-                    answer=answer,
-                    image_bytes=img.data,
-                    image_path=rec["image_name"],
-                    image_size=img.size,
-                    answer_type=rec.get("answer_type", "OPEN"),
-                    question_type=str(rec.get("question_type", "")).strip(),
-                    organ=str(rec.get("image_organ", "")).strip(),
-                    record_id=str(rec.get("qid", "")),
-                )
+            question, answer = question_answer(rec, report)
+            img = images.load(image_path(src / "images", rec["image_name"]))
+            record_id = "" if rec.get("qid") is None else str(rec["qid"])
+            row = make_row(
+                data_source=DATASET,
+                split=split,
+                index=len(rows),
+                question=question,
+                answer=answer,
+                image_bytes=img.data,
+                image_path=rec["image_name"],
+                image_size=img.size,
+                answer_type=rec.get("answer_type") or "OPEN",
+                question_type=str(rec.get("question_type") or "").strip(),
+                organ=str(rec.get("image_organ") or "").strip(),
+                record_id=record_id,
             )
+            report.claim_id(record_id, f"record {n}")
+            rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Convert VQA-RAD (CLI arguments ``argv``); returns the summary written to ``<out>/summary.json``.
+
+    Raises:
+        FileNotFoundError, DataPrepError, SourceFileError: see :func:`data_prep.common.run`.
+    """
     p = parser(DATASET, "../shared/data/vqa_rad", tuple(RELEASE_SPLITS))
     p.add_argument("--phrase-types", default=",".join(DEFAULT_PHRASE_TYPES), help="comma list or 'all'")
-    return run(DATASET, p.parse_args(argv), convert_release)
+    return run(DATASET, p.parse_args(argv), convert_release, RELEASE_SPLITS)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

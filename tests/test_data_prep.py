@@ -27,9 +27,15 @@ def test_slake_test_split(slake_test_parquet):
     assert summary["rows_in"] == 2094 and summary["rows_out"] == 1052
     assert summary["skipped"] == {"missing_image": 9}
     assert summary["filtered"] == {"lang_zh": 1033}
-    # xmlab102's Lung Cancer box, [x, y, w, h] -> [x1, y1, x2, y2] in original pixels
-    r102 = [r for r in rows if r["images"][0]["path"] == "xmlab102/source.jpg"]
-    assert r102 and all(r["extra_info"]["gt_boxes"] == [[289.0, 301.0, 306.0, 323.0]] for r in r102)
+    # xmlab102's one box, Lung Cancer, [x, y, w, h] -> [x1, y1, x2, y2] in original pixels: attached
+    # where it is the evidence ("What diseases...?", "Is the lung healthy?"), not to "Does the
+    # picture contain lung?" or "What is the largest organ?" (Lung)
+    r102 = {r["extra_info"]["question"]: r["extra_info"] for r in rows if r["images"][0]["path"] == "xmlab102/source.jpg"}
+    lung_cancer = [[289.0, 301.0, 306.0, 323.0]]
+    for q in ("What diseases are included in the picture?", "Is the lung healthy?", "Where is/are the abnormality located?"):
+        assert r102[q]["gt_boxes"] == lung_cancer and r102[q]["box_labels"] == ["Lung Cancer"], q
+    for q in ("Does the picture contain lung?", "What is the largest organ in the picture?", "What modality is used to take this image?"):
+        assert r102[q]["gt_boxes"] == [] and r102[q]["box_rule"] == "none", q
     # every image is embedded and decodes to its recorded size; boxes lie inside it
     for r in rows[::50]:
         im = Image.open(io.BytesIO(r["images"][0]["bytes"]))
@@ -37,14 +43,36 @@ def test_slake_test_split(slake_test_parquet):
         W, H = im.size
         for x1, y1, x2, y2 in r["extra_info"]["gt_boxes"]:
             assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
-    rules = {i["box_rule"] for i in info}
-    assert rules <= {"named", "all", "none"} and "named" in rules and "all" in rules
-    named = [i for i in info if i["box_rule"] == "named"]
-    assert all(any(lab.lower() in (i["question"] + " " + i["answer"]).lower() for lab in i["box_labels"]) for i in named)
+    # the evidence rule: boxes of the organ or finding asked about, else none (never "all")
+    assert summary["box_rules"] == {"named": 411, "none": 641, "all": 0}
+    assert summary["notes"]["box_evidence_no_boxes"] == 72  # images whose detection.json is []
+    assert {i["box_rule"] for i in info} == {"named", "none"}
+    assert all(bool(i["gt_boxes"]) == (i["box_rule"] == "named") for i in info)
+    for i in info:
+        q = i["question"].lower()
+        if q.startswith("does the picture contain spleen"):
+            assert set(i["box_labels"]) <= {"Spleen"}, i
+        if q.startswith("what is the largest organ") and i["answer"] == "Lung":
+            assert "Lung Cancer" not in i["box_labels"], i
+        if "ears" in q and i["answer"] in ("Yes", "White"):
+            assert set(i["box_labels"]) == {"Left Ear", "Right Ear"}, i
     # both streams' prompts come from the same record
     r = rows[0]
     assert r["prompt"][0]["content"].startswith("<image>") and r["extra_info"]["question"] in r["prompt"][0]["content"]
     assert "<answer>" in r["reasoning_prompt"][0]["content"] and "<box>" in r["prompt"][0]["content"]
+
+
+def test_slake_legacy_box_rule(slake_dir, tmp_path):
+    """``--box-rule legacy``: the former rule (label named, else every box), kept for comparison."""
+    s = slake.main(["--src", str(slake_dir), "--out", str(tmp_path), "--splits", "test", "--box-rule", "legacy"])
+    t = s["splits"]["test"]
+    assert t["rows_out"] == 1052 and t["box_rules"] == {"named": 204, "none": 72, "all": 776}
+    assert s["options"]["box_rule"] == "legacy"
+    rows = pq.read_table(tmp_path / "test.parquet").to_pylist()
+    r102 = [r for r in rows if r["images"][0]["path"] == "xmlab102/source.jpg"]
+    assert r102 and all(r["extra_info"]["gt_boxes"] == [[289.0, 301.0, 306.0, 323.0]] for r in r102)
+    named = [r["extra_info"] for r in rows if r["extra_info"]["box_rule"] == "named"]
+    assert all(any(lab.lower() in (i["question"] + " " + i["answer"]).lower() for lab in i["box_labels"]) for i in named)
 
 
 def test_slake_idempotent_and_all_splits(slake_dir, tmp_path):
@@ -61,7 +89,7 @@ def test_slake_idempotent_and_all_splits(slake_dir, tmp_path):
 
 
 def test_slake_bad_inputs_counted(slake_dir, tmp_path):
-    """Corrupt image, malformed record and detection, box outside the image: counted, not fatal."""
+    """Corrupt image, malformed record and detection, box partly outside the image: counted, not fatal."""
     src = tmp_path / "slake"
     (src / "imgs").mkdir(parents=True)
     for n in ("xmlab102", "xmlab1", "xmlab2"):
@@ -79,9 +107,15 @@ def test_slake_bad_inputs_counted(slake_dir, tmp_path):
     ]
     (src / "test.json").write_text(json.dumps(recs))
     s = slake.main(["--src", str(src), "--out", str(tmp_path / "out"), "--splits", "test"])["splits"]["test"]
-    assert s["rows_in"] == 6 and s["rows_out"] == 2
-    assert s["skipped"] == {"corrupt_image": 1, "empty_question_or_answer": 1, "malformed_record": 1, "missing_image": 1}
-    assert s["notes"]["malformed_detection"] == 1 and s["notes"]["boxes_clipped"] == 1
+    assert s["rows_in"] == 6 and s["rows_out"] == 1
+    assert s["skipped"] == {
+        "corrupt_image": 1,
+        "empty_question_or_answer": 1,
+        "malformed_detection": 1,  # xmlab2's boxes are unknown: its question is not written without them
+        "malformed_record": 1,
+        "missing_image": 1,
+    }
+    assert s["notes"]["boxes_clipped"] == 1
     rows = pq.read_table(tmp_path / "out" / "test.parquet").to_pylist()
     assert rows[0]["extra_info"]["gt_boxes"] == [[500.0, 500.0, 512.0, 512.0]]
 

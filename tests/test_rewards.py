@@ -163,3 +163,71 @@ def test_reasoning_format_reward():
     assert ok["format"] == 1.0 and ok["acc"] == 1.0 and ok["score"] == pytest.approx(1.5)
     nested = compute_score("slake", "<think><think>x</think></think><answer>MRI</answer>", "MRI", {"stream": "reasoning"})
     assert nested["format"] == 0.0 and nested["acc"] == 1.0
+
+
+# Reading answers as a reader would (issue 10, item 2)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>R1 style</think><answer>\\boxed{Lung}</answer>",
+        "<think>.</think><answer>$\\boxed{\\text{Lung}}$</answer>",
+        "<think>.</think><answer> \\( \\mathrm{lung} \\). </answer>",
+        "<think>.</think><answer>The organ is \\boxed{lung}.</answer>",
+        "so the final answer is $\\boxed{\\text{Lung}}$.",
+        "The answer is \\text{Lung}.",
+    ],
+)
+def test_latex_wrapped_answers_are_read(text):
+    out = compute_score("slake", text, "Lung", {"stream": "reasoning", "answer_type": "OPEN"})
+    assert out["acc"] == 1.0 and out["parsed"] == 1.0, text
+    if text.startswith("<think>"):
+        assert out["format"] == 1.0 and out["score"] == pytest.approx(1.5)
+
+
+def test_closed_answer_in_boxed_text():
+    out = compute_score("vqa_rad", "<think>.</think><answer>\\boxed{\\text{No}}</answer>", "no", {"answer_type": "CLOSED"})
+    assert out["acc"] == 1.0 and out["format"] == 1.0
+
+
+@pytest.mark.parametrize("inner", ["", "   ", "\n\t", "\\boxed{}", "$ $", "\\boxed{\\text{ }}", "."])
+def test_empty_answer_earns_no_format_credit(inner):
+    text = f"<think>the image shows the chest</think><answer>{inner}</answer>"
+    out = compute_score("slake", text, "yes", {"stream": "reasoning"})
+    assert out["format"] == 0.0 and out["score"] == 0.0 and out["parsed"] == 0.0
+    assert extract_answer(text) is None
+
+
+def test_last_answer_is_read_past_a_cut_off_one():
+    # a length-capped output: the second "answer is" has nothing after it
+    assert extract_answer("The answer is lung. To check, the answer is ") == "lung"
+    assert extract_answer("answer is: \\boxed{A} then \\boxed{") == "A"  # an unclosed box is skipped
+
+
+def test_box_off_the_image_earns_no_format_credit(slake_dir):
+    """A box that covers no part of the image: no format credit, no IoU, nothing parsed, keep ratio 1."""
+    for size, gt in slake_boxes(slake_dir, 10):
+        W, H = image_geometry(*size).resized_size
+        info = {"stream": "grounding", "image_size": size, "gt_boxes": [gt], "feedback_acc": 0.5}
+        for box in ([W + 10, 10, W + 60, 50], [10, -80, 60, -20], [-50, -50, -1, -1], [20, 20, 20, 60]):
+            out = compute_score("slake", "<box>[{}, {}, {}, {}]</box>".format(*box), "x", info)
+            assert out["format"] == 0.0 and out["parsed"] == 0.0 and out["iou"] == 0.0 and out["keep_ratio"] == 1.0, box
+            assert out["score"] == pytest.approx(0.5)  # w_fb * feedback only (keep_all)
+        inside = compute_score("slake", f"<think>edge</think><box>[{W - 30}, 0, {W + 400}, 30]</box>", "x", info)
+        assert inside["format"] == 1.0 and inside["parsed"] == 1.0  # partly outside: clipped, kept
+        norm = compute_score("slake", "<box>[1010, 10, 1200, 50]</box>", "x", info, box_format="norm1000")
+        assert norm["format"] == 0.0 and norm["parsed"] == 0.0
+
+
+@pytest.mark.parametrize("rule, feedback", [("keep_all", 0.75), ("keep_min", 0.75), ("no_feedback", 0.0)])
+def test_unparsed_box_rule_sets_feedback(rule, feedback):
+    info = {"stream": "grounding", "image_size": [512, 512], "gt_boxes": [[289, 301, 306, 323]], "feedback_acc": 0.75}
+    for text in ("no box here", "<box>[900, 900, 950, 950]</box>", "<box>[1, 2, 3]</box>"):
+        out = compute_score("slake", text, "x", info, unparsed_box=rule, w_keep=0.5)
+        assert out["feedback"] == out["acc"] == feedback and out["format"] == 0.0 and out["keep_ratio"] == 1.0
+        assert out["score"] == pytest.approx(feedback - 0.5)  # w_fb * feedback - w_keep * 1.0
+    good = compute_score("slake", "<box>[280, 290, 320, 330]</box>", "x", info, unparsed_box=rule)
+    assert good["feedback"] == 0.75  # a parsed box earns its feedback under every rule
+    with pytest.raises(ValueError, match="unparsed_box"):
+        compute_score("slake", "no box", "x", info, unparsed_box="keep_none")

@@ -4,7 +4,7 @@
 (``custom_reward_function.path`` = this package's ``score.py``, ``name=compute_score``).
 """
 
-from vitos_verl.rewards.answers import answer_scores, extract_answer, normalize, token_scores
+from vitos_verl.rewards.answers import answer_scores, clean_answer, extract_answer, normalize, token_scores
 from vitos_verl.rewards.boxes import best_iou, iou, parse_boxes, union_box
 from vitos_verl.rewards.score import SCORE_KEYS, compute_score, format_score, grounding_score, reasoning_score
 
@@ -12,6 +12,7 @@ __all__ = [
     "SCORE_KEYS",
     "answer_scores",
     "best_iou",
+    "clean_answer",
     "compute_score",
     "extract_answer",
     "format_score",

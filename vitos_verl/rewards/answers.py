@@ -12,60 +12,136 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
-MAX_TEXT_CHARS = 20_000
+from vitos_verl.rewards.boxes import tag_spans
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
-_ANSWER_IS = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s+is\s*[:：]?\s*(.+?)(?:\.\s|\.$|\n|$)", re.I)
+MAX_TEXT_CHARS = 20_000  # longer outputs are cut to their first MAX_TEXT_CHARS characters
+
+# Linear time whatever the text (see :mod:`vitos_verl.rewards.boxes`): tags are found with
+# literal searches, "answer is" with possessive quantifiers, braces in one pass with a stack.
+_ANSWER_OPEN, _ANSWER_CLOSE = re.compile(r"<answer>", re.I), re.compile(r"</answer>", re.I)
+_ANSWER_TAGS = re.compile(r"</?answer>", re.I)
+_ANSWER_IS = re.compile(r"answer\s++is\s*+[:：]?\s*+", re.I)
+_BRACES = re.compile(r"\\boxed *+\{|[{}]")
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*+\{([^{}]*+)\}")
+_MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 YES_NO = {"yes", "no"}
 
 
 def _boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` with balanced braces, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
+    """Content of the last (by start) ``\\boxed{...}`` whose braces balance, or None.
+
+    One pass over the braces with a stack: ``\\boxed{\\text{A}}`` gives ``\\text{A}``, nested
+    boxes give the innermost, an unclosed ``\\boxed{`` is skipped.
+    """
+    if "\\boxed" not in text:  # a C-speed look before the pass in Python
         return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
+    stack: list[int] = []  # content start of an open \boxed{, -1 for any other {
+    best: tuple[int, int] | None = None
+    for m in _BRACES.finditer(text):
+        tok = m.group()
+        if tok == "}":
+            if stack:
+                start = stack.pop()
+                if start >= 0 and (best is None or start > best[0]):
+                    best = (start, m.start())
+        else:
+            stack.append(-1 if tok == "{" else m.end())
+    return None if best is None else text[best[0] : best[1]]
+
+
+def _answer_is(text: str) -> str | None:
+    """What follows the last "answer is" (also "The final answer is:"), to the end of its sentence.
+
+    The last match of ``answer\\s+is\\s*[:：]?\\s*(.+?)(?:\\.\\s|\\.$|\\n|$)`` (case-insensitive), in
+    linear time: the sentence ends at a full stop followed by whitespace or the end of the text,
+    or at the end of the line; the next "answer is" is searched after it. Unlike that pattern, an
+    "answer is" with nothing after it (a cut-off output) does not hide the answer before it.
+    """
+    last, pos, nl, n = None, 0, -1, len(text)
+    while (m := _ANSWER_IS.search(text, pos)) is not None:
+        p = m.end()
+        if p >= n:  # nothing after the prefix (it ate the trailing whitespace)
+            break
+        if nl < p:  # the end of the line is found once per line, not once per match
+            nl = text.find("\n", p)
+            nl = n if nl < 0 else nl
+        end, stop = nl, nl + 1
+        q = text.find(".", p + 1, nl)
+        while q >= 0:
+            if q + 1 == n or text[q + 1].isspace():
+                end, stop = q, q + 2
+                break
+            q = text.find(".", q + 1, nl)
+        last, pos = text[p:end], stop
+    return last
+
+
+def clean_answer(text: str) -> str | None:
+    """An answer as a reader reads it: LaTeX wrapping removed, surrounding space stripped.
+
+    Math delimiters around the whole answer (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``), a
+    ``\\boxed{..}`` (the last one, when the answer holds one) and text macros (``\\text{..}``,
+    ``\\mathrm{..}``, ...) are unwrapped, a final full stop dropped. None when nothing is left.
+
+    >>> clean_answer(" $\\\\boxed{\\\\text{Left lung}}$ ")
+    'Left lung'
+    >>> clean_answer("The lesion is in the \\\\boxed{liver}.")
+    'liver'
+    >>> clean_answer("  ") is None
+    True
+    """
+    for _ in range(4):  # nested wrappings; each round is linear in the text
+        before = text
+        text = text.strip().rstrip(".").rstrip()
+        for left, right in _MATH_DELIMS:
+            if len(text) >= len(left) + len(right) and text.startswith(left) and text.endswith(right):
+                text = text[len(left) : len(text) - len(right)].strip()
+                break
+        boxed = _boxed(text)
+        if boxed is not None:
+            text = boxed
+        text = _TEXT_MACRO.sub(r"\1", text)
+        if text == before:
+            break
+    text = text.strip().rstrip(".").rstrip()
+    return text or None
 
 
 def extract_answer(text: str) -> str | None:
     """The answer a model gave, or None when it gave none.
 
     Looks, in order, for the last ``<answer>...</answer>`` (innermost if nested), the last
-    ``\\boxed{...}``, and "the answer is ...".
+    ``\\boxed{...}``, and "the answer is ..."; the answer found is read with
+    :func:`clean_answer` (so ``<answer>$\\boxed{\\text{Lung}}$</answer>`` reads ``Lung``). Only
+    the first :data:`MAX_TEXT_CHARS` characters are read, in time linear in their number.
 
     >>> extract_answer("<think>air in the pleura</think><answer> Yes </answer>")
     'Yes'
+    >>> extract_answer("<think>R1 style</think><answer>\\\\boxed{Lung}</answer>")
+    'Lung'
     >>> extract_answer("so \\\\boxed{left lung}")
     'left lung'
     >>> extract_answer("The answer is CT.")
     'CT'
     >>> extract_answer("<answer></answer>") is None
     True
+    >>> extract_answer("<answer>   </answer>") is None
+    True
     """
     if not isinstance(text, str) or not text:
         return None
     text = text[:MAX_TEXT_CHARS]
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        ans = re.sub(r"</?answer>", "", tags[-1], flags=re.I).strip()
-        return ans or None
+    spans = tag_spans(text, _ANSWER_OPEN, _ANSWER_CLOSE, nested=True)
+    if spans:
+        a, b = spans[-1]
+        return clean_answer(_ANSWER_TAGS.sub("", text[a:b]))
     boxed = _boxed(text)
     if boxed is not None:
-        return boxed.strip() or None
-    m = list(_ANSWER_IS.finditer(text))
-    if m:
-        return m[-1].group(1).strip().rstrip(".") or None
-    return None
+        return clean_answer(boxed)
+    found = _answer_is(text)
+    return None if found is None else clean_answer(found)
 
 
 def normalize(text: str) -> str:

@@ -15,21 +15,73 @@ from collections.abc import Sequence
 
 Box = list[float]  # [x1, y1, x2, y2]
 
-MAX_TEXT_CHARS = 20_000  # longer outputs are truncated before parsing (regex cost bound)
+MAX_TEXT_CHARS = 20_000  # longer outputs are cut to their first MAX_TEXT_CHARS characters
 BOX_FORMATS = ("abs", "norm1", "norm1000")
 
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
-_TAG_BOX = re.compile(r"<box>\s*\[?\s*(.*?)\s*\]?\s*</box>", re.S | re.I)
-_QWEN_BOX = re.compile(
-    rf"<\|box_start\|>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*<\|box_end\|>",
-    re.I,
+# Every pattern below runs in time linear in the text: possessive quantifiers (``*+``, ``++``)
+# never give characters back, and no two adjacent repeats can match the same characters. Tags
+# and code fences are found with literal searches (:func:`tag_spans`), not with a lazy ``.*?``
+# between whitespace runs (the old ``<box>\s*\[?\s*(.*?)\s*\]?\s*</box>`` took 13.6 s on an
+# unclosed ``<box>`` followed by 200 spaces). ``tests/test_reward_timing.py`` measures it.
+_NUM = r"[-+]?(?:\d++(?:\.\d*+)?|\.\d++)(?:[eE][-+]?\d++)?+|[-+]?nan|[-+]?inf"
+_NUM_RE = re.compile(_NUM, re.I)
+_BOX_OPEN, _BOX_CLOSE = re.compile(r"<box>", re.I), re.compile(r"</box>", re.I)
+_QWEN_OPEN, _QWEN_CLOSE = re.compile(r"<\|box_start\|>", re.I), re.compile(r"<\|box_end\|>", re.I)
+_QWEN_INNER = re.compile(
+    rf"\s*+\(\s*+({_NUM})\s*+,\s*+({_NUM})\s*+\)\s*+,\s*+\(\s*+({_NUM})\s*+,\s*+({_NUM})\s*+\)\s*+", re.I
 )
-_BBOX_KEY = re.compile(r'"(?:bbox_2d|bbox|box)"\s*:\s*\[([^\[\]]*)\]', re.I)
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+_BBOX_KEY = re.compile(r'"(?:bbox_2d|bbox|box)"\s*+:\s*+\[([^\[\]]*+)\]', re.I)
+_BARE_LIST = re.compile(r"\[([^\[\]]{7,200}+)\]")
 
 
-def _floats(text: str) -> list[float]:
-    return [float(m) for m in re.findall(_NUM, text, flags=re.I)]
+def tag_spans(text: str, open_re: re.Pattern, close_re: re.Pattern, *, nested: bool) -> list[tuple[int, int]]:
+    """``(start, end)`` of the text between each opening tag and the first closing tag after it.
+
+    Left to right, non-overlapping (the next tag is searched after the closing one), the same
+    spans ``re.finditer(open + "(.*?)" + close, re.S)`` finds, in linear time: every search starts
+    where the previous one of its kind stopped, and a closing tag found once is reused.
+
+    Args:
+        nested: ``True``: a span may contain opening tags (``<box><box>[1,2,3,4]</box>`` is one
+            span, ``<box>[1,2,3,4]``). ``False``: an opening tag followed by another one before
+            any closing tag is skipped (``open_re`` and ``close_re`` must not overlap in text).
+    """
+    out: list[tuple[int, int]] = []
+    o = open_re.search(text)
+    c = None
+    while o is not None:
+        if c is None or c.start() < o.end():
+            c = close_re.search(text, o.end())
+            if c is None:
+                break
+        nxt = open_re.search(text, c.end() if nested else o.end())
+        if nested or nxt is None or nxt.start() >= c.start():
+            out.append((o.end(), c.start()))
+        o = nxt
+    return out
+
+
+def _fenced(text: str) -> list[str]:
+    """Contents of the code fences, as ``re.findall(r"```(?:json)?\\s*(.*?)```", text, re.S)``."""
+    out, pos = [], 0
+    while (i := text.find("```", pos)) >= 0:
+        j = i + 3 + 4 * text.startswith("json", i + 3)
+        k = text.find("```", j)
+        if k < 0:
+            break
+        out.append(text[j:k])
+        pos = k + 3
+    return out
+
+
+def _floats(text: str, limit: int | None = None) -> list[float]:
+    """The numbers in ``text``, left to right; at most ``limit`` of them."""
+    out = []
+    for m in _NUM_RE.finditer(text):
+        out.append(float(m.group()))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
 
 
 def _as_box(values: Sequence[float]) -> Box | None:
@@ -42,38 +94,46 @@ def _as_box(values: Sequence[float]) -> Box | None:
     return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
 
 
+def _is_coords(v: object) -> bool:
+    return isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
 def _json_boxes(obj: object, out: list[Box]) -> None:
-    if isinstance(obj, dict):
-        used = None
-        for key in ("bbox_2d", "bbox", "box"):
-            v = obj.get(key)
-            if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                box = _as_box(v)
-                if box:
-                    out.append(box)
-                    used = key
-                    break
-        for k, v in obj.items():
-            if k != used and isinstance(v, (dict, list)):
-                _json_boxes(v, out)
-    elif isinstance(obj, list):
-        if len(obj) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj):
-            box = _as_box(obj)
+    """Boxes in a decoded JSON value, depth first in document order (an explicit stack: no recursion limit)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        children: list = []
+        if isinstance(o, dict):
+            used = None
+            for key in ("bbox_2d", "bbox", "box"):
+                v = o.get(key)
+                if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                    box = _as_box(v)
+                    if box:
+                        out.append(box)
+                        used = key
+                        break
+            children = [v for k, v in o.items() if k != used]
+        elif _is_coords(o):
+            box = _as_box(o)  # type: ignore[arg-type]
             if box:
                 out.append(box)
-        else:
-            for v in obj:
-                _json_boxes(v, out)
+        elif isinstance(o, list):
+            children = o
+        stack.extend(v for v in reversed(children) if isinstance(v, (dict, list)))
 
 
 def parse_boxes(text: str, box_format: str = "abs", image_size: tuple[float, float] | None = None) -> list[Box]:
     """All boxes in a model output, as ``[x1, y1, x2, y2]`` in resized-image pixels.
 
     Accepted forms, first match wins in this order: ``<box>[x1, y1, x2, y2]</box>`` (also
-    without brackets), Qwen's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``, JSON objects with
-    ``bbox_2d`` / ``bbox`` / ``box`` keys (alone, in a list, or in a code fence), and a bare
-    ``[x1, y1, x2, y2]`` list. Corners are put in order (swapped corners are fixed); boxes
-    with NaN/inf or a wrong number of coordinates are dropped.
+    without brackets; tag names in any case), Qwen's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``,
+    JSON objects with ``bbox_2d`` / ``bbox`` / ``box`` keys (alone, in a list, or in a code
+    fence), and a bare ``[x1, y1, x2, y2]`` list. Corners are put in order (swapped corners are
+    fixed); boxes with NaN/inf or a wrong number of coordinates are dropped. Only the first
+    :data:`MAX_TEXT_CHARS` characters are read; the time taken is linear in their number (no
+    pattern backtracks), whatever the text.
 
     Args:
         text: the model's decoded output.
@@ -84,7 +144,8 @@ def parse_boxes(text: str, box_format: str = "abs", image_size: tuple[float, flo
             used to clip every box to the image.
 
     Returns:
-        A list of boxes (possibly empty); zero-area boxes after clipping are dropped.
+        A list of boxes (possibly empty); zero-area boxes after clipping are dropped, so a box
+        that does not intersect the image is not returned.
 
     Raises:
         ValueError: unknown ``box_format``, or a normalised format without ``image_size``
@@ -98,6 +159,10 @@ def parse_boxes(text: str, box_format: str = "abs", image_size: tuple[float, flo
     [[28.0, 56.0, 140.0, 168.0]]
     >>> parse_boxes("<box>[10, 10, 900, 50]</box>", image_size=(280, 280))
     [[10.0, 10.0, 280.0, 50.0]]
+    >>> parse_boxes("<box>[300, 300, 400, 400]</box>", image_size=(280, 280))  # off the image
+    []
+    >>> parse_boxes("<box>[12, 34, 56, 78]" + "\\n" * 3200)  # length-capped: no closing tag, bare list
+    [[12.0, 34.0, 56.0, 78.0]]
     >>> parse_boxes("no box here")
     []
     """
@@ -109,32 +174,31 @@ def parse_boxes(text: str, box_format: str = "abs", image_size: tuple[float, flo
         return []
     text = text[:MAX_TEXT_CHARS]
     boxes: list[Box] = []
-    for m in _TAG_BOX.finditer(text):
-        inner = m.group(1)
-        # nested tags or junk inside: take the last four numbers only if exactly four exist
-        box = _as_box(_floats(inner))
+    for a, b in tag_spans(text, _BOX_OPEN, _BOX_CLOSE, nested=True):
+        # nested tags or junk inside: a box only if exactly four numbers are there
+        box = _as_box(_floats(text[a:b], limit=5))
         if box:
             boxes.append(box)
     if not boxes:
-        for m in _QWEN_BOX.finditer(text):
-            box = _as_box([float(g) for g in m.groups()])
+        for a, b in tag_spans(text, _QWEN_OPEN, _QWEN_CLOSE, nested=False):
+            m = _QWEN_INNER.fullmatch(text, a, b)
+            box = _as_box([float(g) for g in m.groups()]) if m else None
             if box:
                 boxes.append(box)
     if not boxes:
-        candidates = [m.group(1) for m in _FENCE.finditer(text)] or [text]
-        for cand in candidates:
+        for cand in _fenced(text) or [text]:
             try:
                 _json_boxes(json.loads(cand.strip()), boxes)
             except (ValueError, RecursionError):
                 continue
     if not boxes:
         for m in _BBOX_KEY.finditer(text):
-            box = _as_box(_floats(m.group(1)))
+            box = _as_box(_floats(m.group(1), limit=5))
             if box:
                 boxes.append(box)
     if not boxes:
-        for m in re.finditer(r"\[([^\[\]]{7,200})\]", text):
-            box = _as_box(_floats(m.group(1)))
+        for m in _BARE_LIST.finditer(text):
+            box = _as_box(_floats(m.group(1), limit=5))
             if box:
                 boxes.append(box)
     if box_format != "abs":

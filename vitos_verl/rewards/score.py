@@ -28,34 +28,95 @@ from vitos_verl.pruning import (
     image_geometry,
     keep_ratio,
 )
-from vitos_verl.rewards.answers import answer_scores, extract_answer
+from vitos_verl.rewards.answers import answer_scores, clean_answer, extract_answer
 from vitos_verl.rewards.boxes import MAX_TEXT_CHARS, best_iou, parse_boxes, union_box
 
 STREAMS = ("grounding", "reasoning")
-_NUM = r"\s*[-+]?\d+(?:\.\d+)?\s*"
-_GROUNDING_FORMAT = re.compile(
-    rf"^\s*(?:<think>.*?</think>\s*)?<box>\s*\[{_NUM},{_NUM},{_NUM},{_NUM}\]\s*</box>\s*$", re.S
-)
-_REASONING_FORMAT = re.compile(r"^\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)+</answer>\s*$", re.S)
+# What the reasoning stream sees when a grounding output holds no box that covers part of the
+# image (none, unparseable, or off the image), and what the grounding sample earns from it. Such
+# a sample never earns IoU or format credit, and its keep ratio is charged as 1.0 (the whole
+# image) under every rule, so a missing box is never cheaper than the largest box.
+#   keep_all:    the answers see every visual token; the box earns w_fb * their accuracy.
+#   keep_min:    the answers see ceil(min_keep_ratio * cells) cells, at least one, no margin, at
+#                the image centre (nearly blind); the box earns w_fb * their accuracy.
+#   no_feedback: the answers see every visual token (the reasoning stream trains on them as
+#                usual); the box earns no feedback (0).
+UNPARSED_BOX_RULES = ("keep_all", "keep_min", "no_feedback")
+# The templates' shapes, checked on stripped text by format_score (linear time: literal searches
+# and possessive quantifiers; see vitos_verl.rewards.boxes).
+_INT_OR_DEC = r"\s*+[-+]?\d++(?:\.\d++)?\s*+"
+_BOX_TAIL = re.compile(rf"<box>\s*+\[{_INT_OR_DEC},{_INT_OR_DEC},{_INT_OR_DEC},{_INT_OR_DEC}\]\s*+</box>")
+
+# compute_score's keyword arguments that the grounding reward takes (the reasoning one takes w_fmt)
+_GROUNDING_KWARGS = (
+    "w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "min_pixels", "max_pixels",
+    "unparsed_box",
+)  # fmt: skip
 
 # One key set for every sample so verl can batch reward_extra_info across both streams.
 SCORE_KEYS = ("score", "acc", "format", "iou", "keep_ratio", "feedback", "recall", "f1", "has_gt_box", "parsed")
 
 
-def format_score(text: str, stream: str) -> float:
+def _grounding_format(s: str, image_size: tuple[int, int] | None, box_format: str) -> bool:
+    """``[<think>..</think>] <box>[x1, y1, x2, y2]</box>`` (integers or decimals), nothing else."""
+    if not s.endswith("</box>"):
+        return False
+    k = s.rfind("<box>")  # the template's box has no "<box>" inside: it starts at the last one
+    if k < 0 or not _BOX_TAIL.fullmatch(s, k):
+        return False
+    head = s[:k].rstrip()
+    if head and not (len(head) >= 15 and head.startswith("<think>") and head.endswith("</think>")):
+        return False
+    return image_size is None or bool(parse_boxes(s[k:], box_format=box_format, image_size=image_size))
+
+
+def _reasoning_format(s: str) -> bool:
+    """``<think>..</think> <answer>..</answer>``: no nested tags, a non-empty answer."""
+    if not (s.startswith("<think>") and s.endswith("</answer>")):
+        return False
+    j = s.find("</think>", 7)
+    if j < 0 or s.find("<think>", 7, j) >= 0:
+        return False
+    rest = s[j + 8 :].lstrip()
+    if len(rest) < 18 or not rest.startswith("<answer>"):
+        return False
+    content = rest[8:-9]
+    if "<answer>" in content or "</answer>" in content:
+        return False
+    return clean_answer(content) is not None
+
+
+def format_score(
+    text: str, stream: str, *, image_size: tuple[int, int] | None = None, box_format: str = "abs"
+) -> float:
     """1.0 when the output follows the stream's template exactly, else 0.0.
+
+    grounding: ``<box>[x1, y1, x2, y2]</box>``, optionally after ``<think>..</think>``; with
+    ``image_size`` (``(W, H)`` of the resized image; the box in ``box_format``) the box must also
+    cover part of the image (a box off the image earns nothing). reasoning:
+    ``<think>..</think><answer>..</answer>`` without nested tags, with an answer left after
+    :func:`~vitos_verl.rewards.answers.clean_answer` (``<answer>   </answer>`` earns nothing).
+    Space around and between the parts is allowed; longer than :data:`MAX_TEXT_CHARS`: 0.0.
+    Linear in the length of the text.
 
     >>> format_score("<box>[10, 20, 110, 140]</box>", "grounding")
     1.0
+    >>> format_score("<box>[600, 20, 700, 140]</box>", "grounding", image_size=(504, 504))
+    0.0
     >>> format_score("<think>a mass in the right lobe</think><answer>liver</answer>", "reasoning")
     1.0
+    >>> format_score("<think>R1 style</think><answer>\\\\boxed{liver}</answer>", "reasoning")
+    1.0
+    >>> format_score("<think>no idea</think><answer>   </answer>", "reasoning")
+    0.0
     >>> format_score("liver", "reasoning")
     0.0
     """
     if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
         return 0.0
-    pattern = _GROUNDING_FORMAT if stream == "grounding" else _REASONING_FORMAT
-    return 1.0 if pattern.match(text) else 0.0
+    s = text.strip()
+    ok = _grounding_format(s, image_size, box_format) if stream == "grounding" else _reasoning_format(s)
+    return 1.0 if ok else 0.0
 
 
 def _finite(x: Any, default: float = 0.0) -> float:
@@ -88,15 +149,25 @@ def grounding_score(
     min_keep_ratio: float = 0.0,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    unparsed_box: str = "keep_all",
 ) -> dict[str, float]:
     """Grounding reward of one sample; see the module docstring.
 
     ``extra_info`` needs ``image_size`` = ``(W, H)`` of the original image; optional
     ``gt_boxes`` (original pixels, ``[[x1, y1, x2, y2], ...]``), ``resized_size`` (else
     computed with ``smart_resize(min_pixels, max_pixels)``) and ``feedback_acc``. The
-    predicted box is the union of all boxes in the output, in resized pixels; the ground
-    truth is mapped into that frame before the IoU.
+    predicted box is the union of all boxes in the output that cover part of the image, in
+    resized pixels; the ground truth is mapped into that frame before the IoU. An output
+    without such a box (``parsed = 0``) earns no IoU and no format credit, is charged
+    ``keep_ratio = 1.0``, and earns feedback as ``unparsed_box`` says
+    (:data:`UNPARSED_BOX_RULES`: ``no_feedback`` gives 0, the others ``feedback_acc``).
+
+    Raises:
+        ValueError: ``unparsed_box`` not in :data:`UNPARSED_BOX_RULES` (and the config errors of
+            :func:`compute_score`).
     """
+    if unparsed_box not in UNPARSED_BOX_RULES:
+        raise ValueError(f"unparsed_box must be one of {UNPARSED_BOX_RULES}, got {unparsed_box!r}")
     orig = _size(extra_info.get("image_size"))
     if orig is None:
         return _zero(keep=1.0)
@@ -112,7 +183,9 @@ def grounding_score(
     mask = box_to_keep_mask(pred, geom.cell_grid, margin_cells, min_keep_ratio)
     kr = keep_ratio(mask)
     fb = _finite(extra_info.get("feedback_acc"), 0.0)
-    fmt = format_score(solution_str, "grounding")
+    if pred is None and unparsed_box == "no_feedback":
+        fb = 0.0
+    fmt = format_score(solution_str, "grounding", image_size=resized, box_format=box_format) if pred is not None else 0.0
     score = w_iou * iou_v + w_fb * fb + w_fmt * fmt - w_keep * kr
     return {
         "score": score,
@@ -172,7 +245,7 @@ def compute_score(
             ``"reasoning"`` (default reasoning). See :func:`grounding_score`.
         **kwargs: reward weights and geometry from config (``w_iou``, ``w_fb``, ``w_fmt``,
             ``w_keep``, ``iou_mode``, ``box_format``, ``margin_cells``, ``min_keep_ratio``,
-            ``min_pixels``, ``max_pixels``); unknown keys are ignored.
+            ``min_pixels``, ``max_pixels``, ``unparsed_box``); unknown keys are ignored.
 
     Returns:
         Dict with every key of :data:`SCORE_KEYS`, all finite floats. Bad model output
@@ -180,7 +253,8 @@ def compute_score(
 
     Raises:
         ValueError: an unknown ``stream`` or invalid config values (``box_format``,
-            ``iou_mode``, ``margin_cells``, ``min_keep_ratio``): configuration errors.
+            ``iou_mode``, ``margin_cells``, ``min_keep_ratio``, ``unparsed_box``):
+            configuration errors.
 
     >>> info = {"stream": "grounding", "image_size": [504, 504], "gt_boxes": [[289, 301, 306, 323]]}
     >>> compute_score("slake", "<box>[289, 301, 306, 323]</box>", "CT", info)["iou"]  # 504 px: no resize
@@ -196,8 +270,7 @@ def compute_score(
     if stream not in STREAMS:
         raise ValueError(f"extra_info['stream'] must be one of {STREAMS}, got {stream!r}")
     if stream == "grounding":
-        keys = ("w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "min_pixels", "max_pixels")
-        out = grounding_score(solution_str, info, **{k: kwargs[k] for k in keys if k in kwargs})
+        out = grounding_score(solution_str, info, **{k: kwargs[k] for k in _GROUNDING_KWARGS if k in kwargs})
     else:
         out = reasoning_score(solution_str, ground_truth, info, **{k: kwargs[k] for k in ("w_fmt",) if k in kwargs})
     return {k: _finite(v) for k, v in out.items()}

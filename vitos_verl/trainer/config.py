@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from vitos_verl.rewards.boxes import BOX_FORMATS
+from vitos_verl.rewards.score import UNPARSED_BOX_RULES
 from vitos_verl.trainer.streams import PRUNE_MODES, STREAM_ORDERS, update_stages
 
 STREAMS = ("grounding", "reasoning")
@@ -32,6 +33,12 @@ class ViToSConfig:
         prune_mode: ``tokens`` (drop visual tokens) | ``crop`` (box crop) | ``none`` (full image).
         box_format: frame the model's boxes are in: ``abs`` (resized pixels), ``norm1``, ``norm1000``.
         iou_mode: ``best`` or ``union`` over several ground-truth boxes.
+        unparsed_box: what a grounding output without a box on the image (none, unparseable,
+            off the image) gives: ``keep_all`` (the reasoning answers see the full image; the
+            sample earns ``w_fb`` times their accuracy), ``keep_min`` (they see
+            ``ceil(min_keep_ratio * cells)`` cells, at least one, no margin, at the image centre;
+            same feedback) or ``no_feedback`` (full image, no feedback). Never IoU or format
+            credit; keep ratio charged 1.0 (:data:`vitos_verl.rewards.score.UNPARSED_BOX_RULES`).
         reward_timeout_s: seconds one reward call may take; past it the sample scores 0 and
             counts as failed (:mod:`vitos_verl.rewards.guard`).
         optim_steps: optimiser steps per PPO epoch of each stream's update, ``{grounding: int |
@@ -53,6 +60,7 @@ class ViToSConfig:
     prune_mode: str = "tokens"
     box_format: str = "abs"
     iou_mode: str = "best"
+    unparsed_box: str = "keep_all"
     reward_timeout_s: float = 30.0
     optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
 
@@ -73,6 +81,8 @@ class ViToSConfig:
             raise ValueError(f"vitos.box_format={self.box_format!r}: choose one of {BOX_FORMATS}")
         if self.iou_mode not in ("best", "union"):
             raise ValueError(f"vitos.iou_mode={self.iou_mode!r}: choose 'best' or 'union'")
+        if self.unparsed_box not in UNPARSED_BOX_RULES:
+            raise ValueError(f"vitos.unparsed_box={self.unparsed_box!r}: choose one of {UNPARSED_BOX_RULES}")
         if self.n_g < 2 or self.n_r < 1:
             raise ValueError(
                 f"vitos.n_g={self.n_g} must be >= 2 and vitos.n_r={self.n_r} >= 1: GRPO normalises a question's "
@@ -117,7 +127,10 @@ class ViToSConfig:
 
     def reward_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
         """Keyword arguments of :func:`vitos_verl.rewards.compute_score` for this config."""
-        keys = ("w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "reward_timeout_s")
+        keys = (
+            "w_iou", "w_fb", "w_fmt", "w_keep", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "unparsed_box",
+            "reward_timeout_s",
+        )  # fmt: skip
         out = {k: v for k, v in asdict(self).items() if k in keys}
         return {**out, "min_pixels": min_pixels, "max_pixels": max_pixels}
 

@@ -127,12 +127,14 @@ def plan_reasoning(
         grids: ``N_g`` ``image_grid_thw`` rows ``(t, h, w)`` of the full image each sample saw.
         image_sizes: ``N_g`` original ``(W, H)`` in pixels.
         reasoning_chats: ``N_g`` reasoning chats (same image as the grounding prompt).
-        cfg: the ``vitos`` config (``prune_mode``, ``box_format``, ``margin_cells``, ``min_keep_ratio``).
+        cfg: the ``vitos`` config (``prune_mode``, ``box_format``, ``margin_cells``, ``min_keep_ratio``,
+            ``unparsed_box``).
         n_r: answers per box (default ``cfg.n_r``; validation uses 1).
 
     Returns:
         A :class:`ReasoningPlan` of ``N_g * n_r`` samples, grouped by grounding sample.
-        An unparseable box keeps every visual token (DESIGN.md 1, item 2).
+        An output without a box on the image follows ``cfg.unparsed_box`` (``keep_all``, the
+        default: every visual token, DESIGN.md 1, item 2; see :func:`reasoning_input`).
 
     Raises:
         ValueError: mismatched lengths, or a crop-mode chat without an image.
@@ -149,7 +151,7 @@ def plan_reasoning(
         image = image_of(chat)
         if image is None and cfg.prune_mode == "crop":
             raise ValueError(f"sample {i}: crop mode needs the reasoning chat's image")
-        ri = reasoning_input(cfg.prune_mode, image, geom, box, cfg.margin_cells, cfg.min_keep_ratio)
+        ri = reasoning_input(cfg.prune_mode, image, geom, box, cfg.margin_cells, cfg.min_keep_ratio, cfg.unparsed_box)
         keep = ri.mm_processor_kwargs.get("vitos_keep", "") if not bool(ri.keep_mask.all()) else ""
         prompt = replace_image(chat, ri.image) if cfg.prune_mode == "crop" else chat
         for _ in range(n_r):

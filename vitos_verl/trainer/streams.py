@@ -25,6 +25,7 @@ from vitos_verl.pruning import (
     encode_keep_mask,
     keep_ratio,
 )
+from vitos_verl.rewards.score import UNPARSED_BOX_RULES
 
 STREAM_ORDERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "grounding_first": (("grounding",), ("reasoning",)),
@@ -92,19 +93,29 @@ def reasoning_input(
     box_resized: Sequence[float] | None,
     margin_cells: int = 0,
     min_keep_ratio: float = 0.0,
+    unparsed_box: str = "keep_all",
 ) -> ReasoningInput:
-    """The reasoning input for one parsed box (None: unparseable, keep everything).
+    """The reasoning input for one parsed box (None: no box on the image, see ``unparsed_box``).
 
     Args:
         mode: a key of :data:`PRUNE_MODES`.
         image: the original image (``geom.orig_size``).
         box_resized: ``[x1, y1, x2, y2]`` in resized pixels, or None.
+        unparsed_box: the rule for ``box_resized=None``
+            (:data:`vitos_verl.rewards.score.UNPARSED_BOX_RULES`): ``keep_all`` and
+            ``no_feedback`` keep every cell; ``keep_min`` keeps ``ceil(min_keep_ratio * cells)``
+            cells (at least one, no margin) around the image centre.
 
     Raises:
-        ValueError: unknown mode.
+        ValueError: unknown mode or rule.
     """
     if mode not in PRUNE_MODES:
         raise ValueError(f"unknown prune mode {mode!r}; choose one of {sorted(PRUNE_MODES)}")
+    if unparsed_box not in UNPARSED_BOX_RULES:
+        raise ValueError(f"unknown unparsed_box rule {unparsed_box!r}; choose one of {UNPARSED_BOX_RULES}")
+    if box_resized is None and unparsed_box == "keep_min":
+        cx, cy = geom.resized_size[0] / 2, geom.resized_size[1] / 2
+        box_resized, margin_cells = [cx, cy, cx, cy], 0  # a point: the cell that holds it, then growth
     mask = box_to_keep_mask(box_resized, geom.cell_grid, margin_cells, min_keep_ratio)
     return PRUNE_MODES[mode](image, geom, mask)
 
