@@ -5,7 +5,7 @@ or after "the answer is", runs of one token) or one that drives a backtracking p
 quadratic or worse time. The old patterns took 13.6 s on ``"<box>" + " " * 200`` and 55 s on an
 unclosed box followed by 3,200 newlines. Here the cut at ``MAX_TEXT_CHARS`` is lifted so the
 parsers themselves are timed from 1k to 1M characters: linear time gives
-``t(1M) / t(100k)`` about 10, quadratic about 100. Timings take the minimum of a few repeats
+``t(1M) / t(100k)`` (and ``t(100k) / t(10k)``) about 10, quadratic about 100. Timings take the minimum of a few repeats
 (robust to a busy machine).
 """
 
@@ -90,8 +90,11 @@ def test_reward_time_is_linear(family, uncapped):
         text = ADVERSARIAL[family](n)
         assert n <= len(text) <= 1.1 * n + 100
         times[n] = _min_time(text, repeats=3 if n < 1_000_000 else 2)
-    ratio = times[1_000_000] / max(times[100_000], 1e-4)
-    assert ratio < 30, f"{family}: t(1M)/t(100k) = {ratio:.1f}; times {times}"
+    # linear: about 10 per decade; quadratic: about 100. 45 leaves room for a busy 2-core machine
+    # and for the cache misses of a 1M-character string (30 seen once under load).
+    for small, big in ((10_000, 100_000), (100_000, 1_000_000)):
+        ratio = times[big] / max(times[small], 1e-4)
+        assert ratio < 45, f"{family}: t({big})/t({small}) = {ratio:.1f}; times {times}"
     assert times[1_000_000] < 3.0, f"{family}: {times[1_000_000]:.2f} s for 1M characters; times {times}"
 
 
