@@ -1,4 +1,4 @@
-"""Reasoning-rollout cost of visual-token pruning, measured as GRPO runs it (DESIGN.md 1b).
+"""Reasoning-rollout cost of visual-token pruning, measured as GRPO runs it (docs/design.md section 1b).
 
 Every arm generates ``n`` answers per question for the same real SLAKE test images, with
 vLLM's prefix caching on, and is timed twice from cold caches (prefix cache and the plugin's
@@ -43,7 +43,7 @@ class GpuModel:
     """Qwen2.5-VL-7B on one A100-80GB in bf16 (public sizes; MFU and bandwidth are assumptions)."""
 
     llm_params: float = 7.6e9
-    vit_flops_per_image: float = 7.3e12  # 1024x1024 image, DESIGN.md 1b
+    vit_flops_per_image: float = 7.3e12  # 1024x1024 image, docs/design.md section 1b
     kv_bytes_per_token: float = 57e3  # 28 layers x 4 KV heads x 128 x 2 (K, V) x 2 bytes
     peak_flops: float = 312e12
     mfu: float = 0.5

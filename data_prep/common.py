@@ -489,7 +489,8 @@ Converter = Callable[[list[Any], str, argparse.Namespace, SplitReport], list[dic
 
 
 def parser(dataset: str, default_src: str, splits: tuple[str, ...]) -> argparse.ArgumentParser:
-    """The CLI options every converter shares (``--src --out --splits --lang --limit``)."""
+    """The CLI options every converter shares (``--src --out --splits --limit``); a converter adds its own
+    (SLAKE: ``--lang``, ``--box-rule``), so every flag in a ``--help`` does something."""
     p = argparse.ArgumentParser(
         prog=f"python -m data_prep.{dataset}",
         description=f"Convert {dataset} (release layout or Hugging Face parquet layout) to verl parquet.",
@@ -497,7 +498,6 @@ def parser(dataset: str, default_src: str, splits: tuple[str, ...]) -> argparse.
     p.add_argument("--src", type=Path, default=Path(default_src), help="dataset folder (release or HF layout)")
     p.add_argument("--out", type=Path, default=Path("outputs/data") / dataset, help="output folder")
     p.add_argument("--splits", default=",".join(splits), help=f"comma-separated, from {','.join(splits)}")
-    p.add_argument("--lang", default="en", help="question language to keep: en, zh or all (SLAKE only)")
     p.add_argument("--limit", type=int, default=0, help="keep at most N rows per split (0: all)")
     return p
 

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         FileNotFoundError, DataPrepError, SourceFileError: see :func:`data_prep.common.run`.
     """
     p = parser(DATASET, "../shared/data/slake", tuple(RELEASE_SPLITS))
+    p.add_argument("--lang", default="en", choices=("en", "zh", "all"), help="question language to keep")
     p.add_argument(
         "--box-rule",
         choices=BOX_RULE_CHOICES,

@@ -9,6 +9,9 @@
 #   GPUS_PER_NODE  GPUs per node (trainer.n_gpus_per_node; default: the recipe's)
 #   VITOS_OUTPUTS  where data, models and runs live (default ./outputs); on a cluster, a shared path
 #   PYTHON         interpreter with this package installed (default: .venv/bin/python if present, else python3)
+#   MODEL_PATH     model of recipes that read it: a hub id (downloaded on first use) or a local directory
+#   OFFLINE=1      no model hub: HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 (default 1 for CPU recipes,
+#                  whose model is the local warm-started checkpoint; 0 otherwise, so hub ids work)
 #   DRY_RUN=1      compose and print the config, start nothing
 # Extra arguments are hydra overrides, e.g. trainer.total_training_steps=100.
 set -euo pipefail
@@ -28,9 +31,13 @@ if [[ -n ${RAY_ADDRESS:-} ]]; then
 fi
 [[ ${DRY_RUN:-0} == 1 ]] && ARGS+=("dry_run=true")
 # CPU recipes need verl's CPU platform in the driver too (the recipe passes it to Ray workers).
+CPU_RECIPE=0
 if grep -q "VERL_PLATFORM: cpu" "recipes/$RECIPE.yaml"; then
   export VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda VERL_ENGINE_VENDOR=nvidia
+  CPU_RECIPE=1
 fi
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
-echo "launch/dualstream.sh: recipe=$RECIPE python=$PYTHON ray=${RAY_ADDRESS:-local}"
+OFFLINE=${OFFLINE:-$CPU_RECIPE}
+# offline only when asked: a hub id as MODEL_PATH needs the hub (an exported HF_HUB_OFFLINE stays)
+[[ $OFFLINE == 1 ]] && export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+echo "launch/dualstream.sh: recipe=$RECIPE python=$PYTHON ray=${RAY_ADDRESS:-local} offline=${HF_HUB_OFFLINE:-0}"
 exec "$PYTHON" -m vitos_verl.trainer.main "${ARGS[@]}" "$@"

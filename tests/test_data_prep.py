@@ -167,3 +167,17 @@ def test_hf_parquet_layout_from_real_images(vqa_rad_dir, tmp_path):
 def test_missing_src_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         slake.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path)])
+
+
+def test_every_cli_flag_belongs_to_its_converter():
+    """--lang filters SLAKE's questions; VQA-RAD and PathVQA have one language and no --lang."""
+    import contextlib
+    import io
+
+    from data_prep import pathvqa, slake, vqa_rad
+
+    for mod, has_lang in ((slake, True), (vqa_rad, False), (pathvqa, False)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            mod.main(["--help"])
+        assert ("--lang" in out.getvalue()) == has_lang, mod.__name__

@@ -15,6 +15,7 @@ import copy
 import multiprocessing
 import os
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -290,7 +291,7 @@ def test_failed_answers_give_their_box_no_feedback():
     from verl import DataProto
 
     trainer = _trainer(2)
-    trainer.reward_kwargs = {"w_fb": 1.0, "w_iou": 1.0, "w_fmt": 0.5, "reward_timeout_s": 5.0}
+    trainer.reward_fn = guard.guard_reward_fn(partial(compute_score, w_fb=1.0, w_iou=1.0, w_fmt=0.5), 5.0)
     T = 4
     info = {"image_size": [512, 512], "gt_boxes": [[100, 100, 300, 300]]}
     g = DataProto.from_dict(
@@ -431,3 +432,96 @@ def test_broken_tracker_is_an_error_that_names_it(tmp_path):
     tracker.write_text("1")
     with pytest.raises(ckpt.CheckpointError, match='global_step": 1'):
         _resume(root)
+
+
+# ------------------------------------------------------------------ one reward function for both streams
+_CUSTOM_REWARD = '''
+import json
+
+LOG = {log!r}
+
+
+def my_reward(data_source, solution_str, ground_truth, extra_info=None, bonus=0.0):
+    stream = extra_info["stream"]
+    with open(LOG, "a") as f:
+        f.write(json.dumps({{"stream": stream, "feedback_acc": extra_info.get("feedback_acc"), "bonus": bonus}}) + "\\n")
+    if stream == "reasoning":
+        return 0.75 + bonus  # a number: verl's score, and acc
+    return {{"score": 0.25 + bonus, "iou": 0.5}}
+'''
+
+
+def test_custom_reward_function_reaches_both_streams(cfg, rows, tmp_path):
+    """A user's function named in reward.custom_reward_function scores the reasoning stream in
+    verl's reward loop (through the ViToS agent-loop worker) and the grounding stream on the
+    driver (_score_streams), with its reward_kwargs and the stream in extra_info."""
+    import json
+
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    from vitos_verl.rollout.agent_loop import AGENT_NAME, ViToSAgentLoopWorker
+    from vitos_verl.trainer.checks import check_config
+    from vitos_verl.trainer.dual_stream import configured_reward_fn
+
+    log = tmp_path / "calls.jsonl"
+    (tmp_path / "my_reward.py").write_text(_CUSTOM_REWARD.format(log=str(log)))
+    c = copy.deepcopy(cfg)
+    c.reward.custom_reward_function.path = str(tmp_path / "my_reward.py")
+    c.reward.custom_reward_function.name = "my_reward"
+    c.reward.custom_reward_function.reward_kwargs = {"bonus": 0.01}
+    check_config(c, check_files=False)  # a user's function: its own kwargs, not the vitos block's
+    bad = copy.deepcopy(c)
+    bad.reward.custom_reward_function.reward_kwargs = {"w_iou": 1.0}
+    with pytest.raises(ValueError, match="cannot be called as both streams call it.*w_iou"):
+        check_config(bad, check_files=False)
+    bad.reward.custom_reward_function.path = None
+    with pytest.raises(ValueError, match="must name the reward function of both streams"):
+        check_config(bad, check_files=False)
+
+    # reasoning: the ViToS agent-loop worker and verl's real reward-loop worker
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = ViToSAgentLoopWorker(c, llm_client=None)
+    worker.llm_client = _FakeServer(worker.tokenizer)
+    reward = RewardLoopWorker(c)
+    worker.reward_loop_worker_handles = [SimpleNamespace(compute_score=SimpleNamespace(remote=reward.compute_score))]
+    n = 2
+    raw = np.empty(n, dtype=object)
+    raw[:] = [r["raw_prompt"] for r in rows[:n]]
+    batch = DataProto.from_dict(
+        tensors={"dummy_tensor": torch.zeros(n, 1, dtype=torch.uint8)},
+        non_tensors={
+            "raw_prompt": raw, "agent_name": np.array([AGENT_NAME] * n, dtype=object),
+            "vitos_keep": np.array([""] * n, dtype=object), "index": np.arange(n),
+            "data_source": np.array([r["data_source"] for r in rows[:n]], dtype=object),
+            "reward_model": np.array([r["reward_model"] for r in rows[:n]], dtype=object),
+            "extra_info": with_stream([r["extra_info"] for r in rows[:n]], "reasoning"),
+        },
+        meta_info={"global_steps": 1, "validate": False},
+    )
+    r = loop.run_until_complete(worker.generate_sequences(batch))
+    loop.close()
+    nt = r.non_tensor_batch
+    assert set(guard.GUARDED_KEYS) <= set(nt)  # a number became the full key set
+    assert nt["score"].tolist() == pytest.approx([0.76] * n) and nt["acc"].tolist() == pytest.approx([0.76] * n)
+    assert r.batch["rm_scores"].sum(-1).tolist() == pytest.approx([0.76] * n)
+
+    # grounding: the driver, through the same configured function
+    trainer = _trainer(1)
+    trainer.reward_fn = configured_reward_fn(c)
+    T = 4
+    g = DataProto.from_dict(
+        tensors={"rm_scores": torch.zeros(n, T), "response_mask": torch.ones(n, T, dtype=torch.long)},
+        non_tensors={"data_source": batch.non_tensor_batch["data_source"], "reward_model": batch.non_tensor_batch["reward_model"],
+                     "extra_info": with_stream([r_["extra_info"] for r_ in rows[:n]], "grounding")},
+    )
+    plan = SimpleNamespace(grounding_texts=[REPLY] * n, box_index=np.arange(n))
+    scores = trainer._score_streams(g, r, plan)
+    assert scores["grounding"]["score"].tolist() == pytest.approx([0.26] * n)
+    assert g.non_tensor_batch["iou"].tolist() == [0.5] * n and g.non_tensor_batch["reward_error"].tolist() == [0.0] * n
+    assert float(g.batch["token_level_scores"].sum()) == pytest.approx(0.26 * n)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [x["stream"] for x in calls].count("reasoning") == n and [x["stream"] for x in calls].count("grounding") == n
+    assert all(x["bonus"] == 0.01 for x in calls)
+    assert [x["feedback_acc"] for x in calls if x["stream"] == "grounding"] == pytest.approx([0.76] * n)  # the answers' acc

@@ -32,7 +32,20 @@ def _make_data_files(cfg) -> None:
 
 
 def test_recipe_list():
-    assert {"smoke_cpu", "lingshu7b", "huatuogpt_vision7b"} <= set(RL_RECIPES)
+    assert {"smoke_cpu", "lingshu7b", "huatuogpt_vision7b", "qwen25vl3b_1node", "qwen25vl7b_1node"} <= set(RL_RECIPES)
+    # the Docker image composes every GPU recipe
+    docker = (ROOT / "Dockerfile").read_text()
+    assert all(r in docker for r in RL_RECIPES if r != "smoke_cpu")
+
+
+def test_single_node_recipes():
+    """One node x 8 GPUs, the model from MODEL_PATH (a hub id by default), the 2-node recipes unchanged."""
+    for name, model, tp in (("qwen25vl3b_1node", "Qwen/Qwen2.5-VL-3B-Instruct", 1), ("qwen25vl7b_1node", "Qwen/Qwen2.5-VL-7B-Instruct", 2)):
+        cfg = _compose(name)
+        assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (1, 8), name
+        assert cfg.actor_rollout_ref.model.path == model and cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
+        assert cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 4  # as the 2-node recipes
+    assert _compose("lingshu7b").trainer.nnodes == 2
     assert {f"ablation_{a}" for a in ("no_feedback", "joint_loss", "no_prune", "crop")} <= set(RL_RECIPES)
 
 
@@ -127,6 +140,41 @@ def test_cluster_manifests_parse():
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"] == "bash launch/dualstream.sh"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert (RECIPES / f"{env['RECIPE']}.yaml").exists()
-    sb = (ROOT / "launch" / "slurm" / "dualstream.sbatch").read_text()
-    assert "job submit" in sb and "launch/dualstream.sh" in sb
     assert subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm" / "dualstream.sbatch")]).returncode == 0
+
+
+@pytest.mark.parametrize("recipe,offline", [("smoke_cpu", "1"), ("qwen25vl3b_1node", "0")])
+def test_launch_offline_only_when_asked(recipe, offline, tmp_path):
+    """CPU recipes run offline (their model is local); GPU recipes reach the hub unless OFFLINE=1."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_ADDRESS", "OFFLINE")}
+    env.update(RECIPE=recipe, DRY_RUN="1", VITOS_OUTPUTS=str(tmp_path), PYTHON=sys.executable)
+    for asked, want in ((None, offline), ("1", "1")):
+        e = {**env, **({"OFFLINE": asked} if asked else {})}
+        out = subprocess.run(["bash", str(ROOT / "launch" / "dualstream.sh"), "check_files=false"], env=e, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"offline={want}" in out.stdout, out.stdout[:500]
+
+
+def test_slurm_script_dry_run(tmp_path):
+    """The sbatch script on fake scontrol/srun: one `ray symmetric-run` per node, waiting for all of
+    them, and the config the head would run composes (launch/dualstream.sh's dry run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\ngpu03\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\necho 10.1.2.3\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="gpu[01-03]", SLURM_SUBMIT_DIR=str(ROOT), RECIPE="qwen25vl7b_1node",
+               GPUS_PER_NODE="4", DRY_RUN="1", VITOS_OUTPUTS=str(tmp_path), PYTHON=sys.executable)
+    out = subprocess.run(["bash", str(ROOT / "launch" / "slurm" / "dualstream.sbatch"), "check_files=false"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cmd = next(line for line in out.stdout.splitlines() if line.startswith("vitos: would run:"))
+    assert "srun --nodes=3 --ntasks-per-node=1" in cmd
+    assert "ray symmetric-run --address 10.1.2.3:6379 --min-nodes 3" in cmd and "--num-gpus=4" in cmd
+    assert " -- env RAY_ADDRESS=10.1.2.3:6379 RECIPE=qwen25vl7b_1node NNODES=3 GPUS_PER_NODE=4" in cmd
+    assert cmd.rstrip().endswith("bash launch/dualstream.sh check_files=false")
+    printed = yaml.safe_load(out.stdout[out.stdout.index("actor_rollout_ref:"):])
+    assert printed["trainer"]["nnodes"] == 3 and printed["trainer"]["n_gpus_per_node"] == 4

@@ -4,6 +4,7 @@ and stream-wise GRPO advantages through verl's own estimator."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -84,3 +85,26 @@ def test_cross_feedback_enters_grounding_reward_and_advantages_stay_per_stream(r
             for j in range(n):
                 if scores[i] > scores[j]:
                     assert a[i] > a[j]
+
+
+def test_file_logger_writes_only_under_the_run_folder(tmp_path, monkeypatch):
+    """verl's file logger defaults to ./<project>/<experiment>.jsonl (a top-level vitos/ folder);
+    the trainer's tracker puts it, and tensorboard, in the run's folder whatever the environment."""
+    from omegaconf import OmegaConf
+
+    from vitos_verl.trainer.ray_trainer import ViToSRayTrainer
+
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "vitos").exists(), "a file logger wrote at the top of the work tree"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(tmp_path / "stale.jsonl"))
+    t = object.__new__(ViToSRayTrainer)
+    t.config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path / "runs" / "x" / "ckpt"), "project_name": "vitos",
+                                             "experiment_name": "smoke_cpu", "logger": ["file"]}})
+    tracker = t._tracker()
+    tracker.log(data={"a": 1.0}, step=1)
+    second = t._tracker()  # a relaunch in the same second gets its own file
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jsonl"))
+    assert len(written) == 2 and all(w.startswith("runs/x/metrics-") for w in written), written
+    assert not (tmp_path / "vitos").exists() and not (tmp_path / "stale.jsonl").exists()
+    del tracker, second

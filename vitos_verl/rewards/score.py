@@ -1,6 +1,6 @@
 """verl ``compute_score`` entry for both ViToS streams.
 
-Rewards (DESIGN.md section 1, item 4; weights are config, defaults are this project's
+Rewards (docs/design.md section 1, item 4; weights are config, defaults are this project's
 choice since the paper's values are not public):
 
 * reasoning: ``r_r = acc + w_fmt * format_r``

@@ -24,6 +24,7 @@ log-probs on other inputs than the ones vLLM sampled from. This module closes th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -45,7 +46,7 @@ from verl.utils.tokenizer.tokenizer import get_processor_token_id
 from verl.workers.rollout.replica import TokenOutput
 
 from vitos_verl.pruning import MERGE_SIZE, decode_keep_mask, mrope_position_ids
-from vitos_verl.rewards.guard import GUARDED_KEYS
+from vitos_verl.rewards.guard import GUARDED_KEYS, failed_scores, normalize_scores
 from vitos_verl.rollout.actor_patch import KEEP_KEY
 from vitos_verl.rollout.pruned_inputs import prune_input_ids
 from vitos_verl.trainer.faults import ERROR_KEY, FAILED_KEY, FAULT_KEY
@@ -53,6 +54,8 @@ from vitos_verl.trainer.faults import ERROR_KEY, FAILED_KEY, FAULT_KEY
 logger = logging.getLogger(__name__)
 
 AGENT_NAME = "vitos_pruned"
+#: Seconds on top of ``vitos.reward_timeout_s`` for one reward-loop call (queueing, Ray round trip).
+REWARD_CALL_MARGIN_S = 30.0
 KEEP_KWARG = "vitos_keep"
 
 
@@ -216,11 +219,35 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
 
     # verl 0.9.1 private hook: the reward loop's call for one sample (inside _run_agent_loop).
     async def _compute_score(self, outputs, kwargs) -> None:
-        """verl's reward-loop call, its exceptions wrapped in :class:`RewardLoopError` (the fault's kind)."""
+        """verl's reward-loop call under a time limit, its result normalised for both streams.
+
+        The reward loop calls the configured ``reward.custom_reward_function`` (the built-in
+        entry has its own per-call limit, :mod:`vitos_verl.rewards.guard`). Any configured
+        function gets here: the call's ``reward_extra_info`` normalised to
+        :data:`~vitos_verl.rewards.guard.GUARDED_KEYS`
+        (:func:`~vitos_verl.rewards.guard.normalize_scores`), and a limit of
+        ``vitos.reward_timeout_s`` plus :data:`REWARD_CALL_MARGIN_S` (queueing in the reward
+        loop and the Ray round trip) on the whole call: past it the sample scores 0 with
+        ``reward_timeout = 1`` (a function that never returns keeps its executor thread in the
+        reward-loop worker).
+
+        Raises:
+            RewardLoopError: the call raised (the fault's kind; the cause is the original).
+        """
+        final = outputs[-1]
+        if final.reward_score is not None or self.reward_loop_worker_handles is None:
+            return await super()._compute_score(outputs, kwargs)
+        limit = float(self.config.vitos.reward_timeout_s) + REWARD_CALL_MARGIN_S
         try:
-            await super()._compute_score(outputs, kwargs)
+            await asyncio.wait_for(super()._compute_score(outputs, kwargs), timeout=limit)
+            # verl logs a number's score as "acc" only; the score itself is reward_score
+            info = normalize_scores({"score": final.reward_score, **(final.extra_fields.get("reward_extra_info") or {})})
+        except asyncio.TimeoutError:
+            logger.warning("reward loop call of sample %s ran past %g s: scored 0", kwargs.get("index"), limit)
+            final.reward_score, info = 0.0, failed_scores(timeout=True)
         except Exception as exc:
             raise RewardLoopError(f"reward loop call failed: {type(exc).__name__}") from exc
+        final.extra_fields["reward_extra_info"] = info
 
     # verl 0.9.1 private hook: _postprocess takes the reward_extra_info keys of the first sample.
     def _postprocess(self, inputs, input_non_tensor_batch=None, validate=False):

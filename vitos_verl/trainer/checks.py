@@ -11,6 +11,7 @@ config key, the value and what to do.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -119,26 +120,88 @@ def check_data_files(config: DictConfig) -> None:
             )
 
 
+#: The built-in reward entries: (file under vitos_verl/rewards, function, reward_kwargs keys it does not take).
+_BUILTIN_REWARDS = (("guard.py", "guarded_compute_score", ()), ("score.py", "compute_score", ("reward_timeout_s",)))
+
+
+def builtin_reward(fn: Any) -> str | None:
+    """The name of the built-in reward entry ``fn`` is (loaded from any path), else ``None``."""
+    try:
+        src = Path(inspect.getsourcefile(fn) or "").resolve()
+    except TypeError:
+        return None
+    rewards_dir = Path(__file__).resolve().parents[1] / "rewards"
+    for file, name, _ in _BUILTIN_REWARDS:
+        if src == rewards_dir / file and getattr(fn, "__name__", None) == name:
+            return name
+    return None
+
+
 def check_reward_kwargs(config: DictConfig) -> None:
-    """The reward loop (reasoning stream) and the driver (grounding stream) score with one set of
-    kwargs: ``reward.custom_reward_function.reward_kwargs`` must equal what the ``vitos`` block and
-    the data pixel budget give (:meth:`ViToSConfig.reward_kwargs`).
+    """The one reward function of both streams, and its kwargs.
+
+    Both streams call ``reward.custom_reward_function`` (the reasoning stream in verl's reward
+    loop, the grounding stream on the driver:
+    :func:`vitos_verl.trainer.dual_stream.configured_reward_fn`), each call with
+    ``reward_kwargs`` merged in. So:
+
+    * the function must load (verl's ``load_extern_object``) and take
+      ``data_source, solution_str, ground_truth, extra_info`` and every key of ``reward_kwargs``;
+    * for the built-in entries (``vitos_verl.rewards.guard.guarded_compute_score``, the default,
+      and ``vitos_verl.rewards.score.compute_score``) ``reward_kwargs`` must equal what the
+      ``vitos`` block and the data pixel budget give (:meth:`ViToSConfig.reward_kwargs`;
+      ``compute_score`` without ``reward_timeout_s``), so the ``vitos`` weights are the ones scored;
+    * a user's function gets its ``reward_kwargs`` as configured: the ``vitos`` reward weights
+      reach it only if it takes them. It is told the stream by ``extra_info["stream"]``, gets
+      the boxes' answer accuracy as ``extra_info["feedback_acc"]`` (grounding) and must return a
+      number or a dict with ``score`` (``acc`` of the reasoning stream is the cross-feedback;
+      :func:`vitos_verl.rewards.guard.normalize_scores`).
 
     Raises:
-        ValueError: any key differs; the message lists (configured, expected) per key.
+        ValueError: no function configured, one that does not load or cannot take those
+            arguments, or built-in kwargs that differ (lists (configured, expected) per key).
     """
+    from verl.utils.import_utils import load_extern_object
+
     from vitos_verl.trainer.config import ViToSConfig
 
+    path = _get(config, "reward.custom_reward_function.path")
+    name = _get(config, "reward.custom_reward_function.name")
+    if not path or not name:
+        raise ValueError(
+            "reward.custom_reward_function.path and .name must name the reward function of both streams "
+            "(default pkg://vitos_verl.rewards.guard / guarded_compute_score): verl's default scorers know neither stream"
+        )
+    configured = OmegaConf.to_container(_get(config, "reward.custom_reward_function.reward_kwargs") or {}, resolve=True)
+    try:
+        fn = load_extern_object(module_path=str(path), object_name=str(name))
+    except Exception as exc:
+        raise ValueError(f"reward.custom_reward_function {path}:{name} does not load: {type(exc).__name__}: {exc}") from exc
+    if not callable(fn):
+        raise ValueError(f"reward.custom_reward_function {path}:{name} is not callable")
+    try:
+        inspect.signature(fn).bind(data_source="", solution_str="", ground_truth="", extra_info={}, **configured)
+    except TypeError as exc:
+        raise ValueError(
+            f"reward.custom_reward_function {path}:{name} cannot be called as both streams call it "
+            f"(data_source, solution_str, ground_truth, extra_info as keywords, plus reward_kwargs {sorted(configured)}): {exc}"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): trust it
+        pass
+    builtin = builtin_reward(fn)
+    if builtin is None:
+        return
     vitos = ViToSConfig.from_mapping(OmegaConf.to_container(config.vitos, resolve=True))
     expected = vitos.reward_kwargs(int(config.data.min_pixels), int(config.data.max_pixels))
-    configured = OmegaConf.to_container(_get(config, "reward.custom_reward_function.reward_kwargs") or {}, resolve=True)
+    for k in dict((n, skip) for _, n, skip in _BUILTIN_REWARDS)[builtin]:
+        expected.pop(k)
     diff = {k: (configured.get(k), v) for k, v in expected.items() if configured.get(k) != v}
     extra = sorted(set(configured) - set(expected))
     if diff or extra:
         raise ValueError(
-            "reward.custom_reward_function.reward_kwargs must equal the vitos block and the data pixel budget "
-            f"(the reward loop scores the reasoning stream, the driver the grounding one); differing (configured, "
-            f"expected): {diff}; unknown keys: {extra}. Use the interpolations of vitos_trainer.yaml."
+            f"reward.custom_reward_function.reward_kwargs must equal the vitos block and the data pixel budget for the "
+            f"built-in {builtin} (the reward loop scores the reasoning stream, the driver the grounding one); differing "
+            f"(configured, expected): {diff}; unknown keys: {extra}. Use the interpolations of vitos_trainer.yaml."
         )
 
 

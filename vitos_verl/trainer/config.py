@@ -20,7 +20,7 @@ STREAMS = ("grounding", "reasoning")
 
 @dataclass(frozen=True)
 class ViToSConfig:
-    """ViToS settings (DESIGN.md section 1).
+    """ViToS settings (docs/design.md section 1).
 
     Attributes:
         order: ``grounding_first`` | ``reasoning_first`` | ``joint`` (one summed loss: the ablation).

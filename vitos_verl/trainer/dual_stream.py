@@ -8,7 +8,7 @@ they work on verl ``DataProto`` batches laid out by the agent loop (left-padded 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 from vitos_verl.pruning import geometry_from_grid, image_geometry
 from vitos_verl.rewards.boxes import parse_boxes, union_box
-from vitos_verl.rewards.guard import GUARDED_KEYS, guarded_compute_score
+from vitos_verl.rewards.guard import GUARDED_KEYS, guard_reward_fn, guarded_compute_score
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.streams import cross_feedback, reasoning_input
 
@@ -120,7 +120,7 @@ def plan_reasoning(
     cfg: ViToSConfig,
     n_r: int | None = None,
 ) -> ReasoningPlan:
-    """Boxes → keep masks → ``n_r`` reasoning inputs per grounding sample (DESIGN.md 1, items 2-3).
+    """Boxes → keep masks → ``n_r`` reasoning inputs per grounding sample (docs/design.md section 1, items 2-3).
 
     Args:
         grounding_texts: ``N_g`` decoded grounding responses.
@@ -134,7 +134,7 @@ def plan_reasoning(
     Returns:
         A :class:`ReasoningPlan` of ``N_g * n_r`` samples, grouped by grounding sample.
         An output without a box on the image follows ``cfg.unparsed_box`` (``keep_all``, the
-        default: every visual token, DESIGN.md 1, item 2; see :func:`reasoning_input`).
+        default: every visual token, docs/design.md section 1, item 2; see :func:`reasoning_input`).
 
     Raises:
         ValueError: mismatched lengths, or a crop-mode chat without an image.
@@ -187,6 +187,33 @@ def last_token_scores(scores: Sequence[float], response_mask: torch.Tensor) -> t
     return out
 
 
+def configured_reward_fn(config: Any) -> Callable[..., dict[str, Any]]:
+    """The configured reward function, as the driver calls it for the grounding stream.
+
+    Loaded with verl 0.9.1's ``verl.trainer.ppo.reward.get_custom_reward_fn`` from
+    ``reward.custom_reward_function.{path,name,reward_kwargs}``: the same function, loaded the same
+    way, that verl's reward loop calls for the reasoning stream, with ``reward_kwargs`` merged
+    into every call (they take precedence over the call's own). Wrapped in
+    :func:`vitos_verl.rewards.guard.guard_reward_fn` with ``vitos.reward_timeout_s``: a call that
+    raises or runs past the limit scores 0 and is flagged; the result is normalised to
+    :data:`~vitos_verl.rewards.guard.GUARDED_KEYS`. The stream is in ``extra_info["stream"]``.
+
+    Args:
+        config: the composed trainer config (``reward`` and ``vitos`` blocks).
+
+    Raises:
+        ValueError: no ``reward.custom_reward_function.path`` (verl's default scorers know
+            neither stream).
+        FileNotFoundError, AttributeError, ImportError: as verl's loader, for a bad path or name.
+    """
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    fn = get_custom_reward_fn(config)
+    if fn is None:
+        raise ValueError("reward.custom_reward_function.path is empty: ViToS needs a reward function for both streams")
+    return guard_reward_fn(fn, float(config.vitos.reward_timeout_s))
+
+
 def grounding_rewards(
     data_sources: Sequence[str],
     texts: Sequence[str],
@@ -194,25 +221,36 @@ def grounding_rewards(
     extra_infos: Sequence[Mapping[str, Any]],
     answer_acc: Sequence[float],
     box_index: Sequence[int],
-    reward_kwargs: Mapping[str, Any],
+    reward_fn: Callable[..., Mapping[str, Any]] | Mapping[str, Any],
 ) -> dict[str, np.ndarray]:
-    """Grounding rewards with cross-feedback (DESIGN.md 1, items 4-5).
+    """Grounding rewards with cross-feedback (docs/design.md section 1, items 4-5).
 
     The accuracy of the answers made from each box (:func:`cross_feedback`) goes into that
-    box's ``extra_info["feedback_acc"]``; :func:`vitos_verl.rewards.compute_score` does the
-    rest (IoU where the row has boxes, format, keep ratio), with the same ``reward_kwargs``
-    verl's reward loop uses for the reasoning stream. Each call runs under the time limit
-    ``reward_kwargs["reward_timeout_s"]`` (default 30 s;
-    :func:`vitos_verl.rewards.guard.guarded_compute_score`): one that raises or runs past it
-    scores 0 and is flagged, and the step goes on. Pass only the answers that did not fail.
+    box's ``extra_info["feedback_acc"]`` (with ``extra_info["stream"] = "grounding"``), and the
+    reward function does the rest (for the built-in one: IoU where the row has boxes, format,
+    keep ratio). Pass only the answers that did not fail.
+
+    Args:
+        reward_fn: the configured function as :func:`configured_reward_fn` returns it (called
+            with ``data_source, solution_str, ground_truth, extra_info`` as keywords; it must
+            not raise and must return :data:`~vitos_verl.rewards.guard.GUARDED_KEYS`), or a
+            mapping of keyword arguments for the built-in entry
+            :func:`vitos_verl.rewards.guard.guarded_compute_score` (``reward_timeout_s``
+            default 30 s).
 
     Returns:
         Every key of :data:`vitos_verl.rewards.guard.GUARDED_KEYS` (the score keys plus
         ``reward_timeout`` and ``reward_error``, 0/1) -> float64 ``(N_g,)``.
     """
+    if isinstance(reward_fn, Mapping):
+        kwargs = dict(reward_fn)
+
+        def reward_fn(**kw):
+            return guarded_compute_score(**kw, **kwargs)
+
     fb = cross_feedback(answer_acc, box_index, len(texts))
     rows = [
-        guarded_compute_score(ds, t, gt, {**dict(e or {}), "stream": "grounding", "feedback_acc": float(f)}, **reward_kwargs)
+        reward_fn(data_source=ds, solution_str=t, ground_truth=gt, extra_info={**dict(e or {}), "stream": "grounding", "feedback_acc": float(f)})
         for ds, t, gt, e, f in zip(data_sources, texts, ground_truths, extra_infos, fb)
     ]
     return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in GUARDED_KEYS}

@@ -1,13 +1,15 @@
 """The dual-stream GRPO trainer: verl's ``RayPPOTrainer`` with ViToS's training step.
 
-One step (DESIGN.md section 1, item 5), each stage timed as ``timing_s/<stage>``:
+One step (docs/design.md section 1, item 5), each stage timed as ``timing_s/<stage>``:
 
 1. ``gen_grounding``: ``n_g`` boxes per question on the full image (verl's agent loop, vLLM).
 2. ``prune``: each box becomes a keep mask (:func:`vitos_verl.trainer.dual_stream.plan_reasoning`).
 3. ``gen_reasoning``: ``n_r`` answers per box on the kept visual tokens (agent loop
    ``vitos_pruned``; the vLLM plugin prunes the prompt).
-4. ``reward``: reasoning rewards from verl's reward loop (``compute_score``); grounding rewards
-   recomputed here with the answers' accuracy fed back into each box (``w_fb``).
+4. ``reward``: reasoning rewards from verl's reward loop; grounding rewards here, with the
+   answers' accuracy fed back into each box (``w_fb``). Both streams call the one configured
+   function (``reward.custom_reward_function``, :func:`~vitos_verl.trainer.dual_stream.configured_reward_fn`),
+   told apart by ``extra_info["stream"]``.
 5. ``old_log_prob`` / ``ref``: both streams through the actor (and reference), on the same
    pruned inputs the rollout saw.
 6. ``adv``: GRPO advantages normalised within each stream's groups (a question's ``n_g`` boxes;
@@ -59,6 +61,7 @@ from vitos_verl.trainer.checkpoint import check_resume, save_with_atomic_tracker
 from vitos_verl.trainer.checks import check_reward_kwargs
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.dual_stream import (
+    configured_reward_fn,
     grounding_rewards,
     last_token_scores,
     plan_reasoning,
@@ -110,8 +113,9 @@ class ViToSRayTrainer(RayPPOTrainer):
             int(self.config.data.train_batch_size), int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size)
         )
         self.min_pixels, self.max_pixels = int(self.train_dataset.min_pixels), int(self.train_dataset.max_pixels)
-        self.reward_kwargs = self.vitos.reward_kwargs(self.min_pixels, self.max_pixels)
         check_reward_kwargs(self.config)
+        # the configured reward function, as verl's reward loop loads it for the reasoning stream
+        self.reward_fn = configured_reward_fn(self.config)
 
     # ------------------------------------------------------------------ rollout
     def _generate(self, gen: DataProto, timing: dict, name: str) -> DataProto:
@@ -203,7 +207,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             nt["extra_info"],
             r_scores["acc"][ok],
             plan.box_index[ok],
-            self.reward_kwargs,
+            self.reward_fn,
         )
         g.batch.pop("rm_scores", None)
         g.batch["token_level_scores"] = last_token_scores(g_scores["score"], g.batch["response_mask"])
@@ -366,14 +370,24 @@ class ViToSRayTrainer(RayPPOTrainer):
         return Path(self.config.trainer.default_local_dir).absolute().parent
 
     def _tracker(self) -> Tracking:
-        # verl's file backend opens its file with "wb" and the tensorboard one writes under the
-        # Ray worker's cwd: give both a per-launch place in the run dir, so a resumed run
-        # appends a new file instead of erasing the metrics of the steps before the checkpoint.
+        """verl 0.9.1's ``Tracking`` with its file and tensorboard output in this run's folder.
+
+        verl's file backend writes ``$VERL_FILE_LOGGER_PATH``, else ``./<project>/<experiment>.jsonl``
+        under the Ray worker's cwd (a ``vitos/`` folder at the top of the work tree), opened with
+        "wb"; the tensorboard one ``$TENSORBOARD_DIR``, else ``./tensorboard_log/...``. Both are
+        set here, always (an inherited value is replaced), to a per-launch place in
+        :meth:`run_dir`, so nothing is written outside the run's folder and a resumed run writes a
+        new file instead of erasing the metrics of the steps before the checkpoint.
+        """
         run_dir = self.run_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        os.environ.setdefault("VERL_FILE_LOGGER_PATH", str(run_dir / f"metrics-{stamp}.jsonl"))
-        os.environ.setdefault("TENSORBOARD_DIR", str(run_dir / "tensorboard"))
+        path = run_dir / f"metrics-{stamp}.jsonl"
+        n = 1
+        while path.exists():  # a second launch within the same second
+            path, n = run_dir / f"metrics-{stamp}-{n}.jsonl", n + 1
+        os.environ["VERL_FILE_LOGGER_PATH"] = str(path)
+        os.environ["TENSORBOARD_DIR"] = str(run_dir / "tensorboard")
         return Tracking(
             project_name=self.config.trainer.project_name,
             experiment_name=self.config.trainer.experiment_name,

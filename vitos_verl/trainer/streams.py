@@ -5,7 +5,7 @@ plus the cross-feedback that couples the two streams.
   share one loss (``joint`` puts both in one update: the summed-loss ablation).
 * :data:`PRUNE_MODES`: how a grounding box becomes the reasoning stream's visual input.
 * :func:`cross_feedback`: the mean accuracy of the answers made from each box (the ``w_fb``
-  term of the grounding reward, DESIGN.md section 1, item 4).
+  term of the grounding reward, docs/design.md section 1, item 4).
 """
 
 from __future__ import annotations
