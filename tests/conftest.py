@@ -63,3 +63,27 @@ def slake_test_parquet(slake_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("slake")
     slake.main(["--src", str(slake_dir), "--out", str(out), "--splits", "test"])
     return out / "test.parquet"
+
+
+@pytest.fixture(scope="session")
+def slake_dataset(slake_test_parquet, tiny_processor, tmp_path_factory):
+    """Factory: ``slake_dataset(max_pixels)`` is :class:`~vitos_verl.data.dataset.ViToSDataset`
+    (verl's RLHF dataset as the trainer configures it) over the real SLAKE test split at that
+    pixel budget, built once per budget."""
+    from omegaconf import OmegaConf
+
+    from vitos_verl.data.dataset import ViToSDataset
+
+    built = {}
+
+    def make(max_pixels: int):
+        if max_pixels not in built:
+            cfg = OmegaConf.create(
+                {"prompt_key": "prompt", "image_key": "images", "max_prompt_length": 4096,
+                 "filter_overlong_prompts": False, "cache_dir": str(tmp_path_factory.mktemp("verl-cache")),
+                 "max_pixels": max_pixels}
+            )
+            built[max_pixels] = ViToSDataset(str(slake_test_parquet), tiny_processor.tokenizer, cfg, tiny_processor)
+        return built[max_pixels]
+
+    return make

@@ -8,7 +8,6 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from vitos_verl.pruning import (
     box_to_keep_mask,
@@ -32,14 +31,8 @@ MAX_PIXELS = 28 * 28 * 256
 
 
 @pytest.fixture(scope="module")
-def ds(slake_test_parquet, tiny_processor, tmp_path_factory):
-    from vitos_verl.data.dataset import ViToSDataset
-
-    cfg = OmegaConf.create(
-        {"prompt_key": "prompt", "image_key": "images", "max_prompt_length": 4096, "filter_overlong_prompts": False,
-         "cache_dir": str(tmp_path_factory.mktemp("verl-cache")), "max_pixels": MAX_PIXELS}
-    )
-    return ViToSDataset(str(slake_test_parquet), tiny_processor.tokenizer, cfg, tiny_processor)
+def ds(slake_dataset):
+    return slake_dataset(MAX_PIXELS)
 
 
 def _rows_with_boxes(ds, n):

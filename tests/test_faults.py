@@ -110,14 +110,8 @@ def cfg(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rows(slake_test_parquet, tiny_processor, tmp_path_factory):
-    from vitos_verl.data.dataset import ViToSDataset
-
-    dcfg = OmegaConf.create(
-        {"prompt_key": "prompt", "image_key": "images", "max_prompt_length": 1024, "filter_overlong_prompts": False,
-         "cache_dir": str(tmp_path_factory.mktemp("verl-cache")), "max_pixels": MAX_PIXELS}
-    )
-    ds = ViToSDataset(str(slake_test_parquet), tiny_processor.tokenizer, dcfg, tiny_processor)
+def rows(slake_dataset):
+    ds = slake_dataset(MAX_PIXELS)
     return [ds[i] for i in range(0, 250, 50)]
 
 

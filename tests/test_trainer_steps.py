@@ -36,14 +36,8 @@ P_LEN, R_LEN = 400, 48  # data.max_prompt_length, data.max_response_length of re
 
 # ---------------------------------------------------------------- real batches of both streams
 @pytest.fixture(scope="module")
-def ds(slake_test_parquet, tiny_processor, tmp_path_factory):
-    from vitos_verl.data.dataset import ViToSDataset
-
-    cfg = OmegaConf.create(
-        {"prompt_key": "prompt", "image_key": "images", "max_prompt_length": 4096, "filter_overlong_prompts": False,
-         "cache_dir": str(tmp_path_factory.mktemp("verl-cache")), "max_pixels": MAX_PIXELS}
-    )
-    return ViToSDataset(str(slake_test_parquet), tiny_processor.tokenizer, cfg, tiny_processor)
+def ds(slake_dataset):
+    return slake_dataset(MAX_PIXELS)
 
 
 def _prompt_ids(ds, processor, chat) -> torch.Tensor:
