@@ -3,15 +3,16 @@
 Every input row ends in exactly one place: written, or counted under a skip reason (a bad
 record, :data:`SKIP_REASONS`) or a filter (a row the options leave out, e.g. another
 language); ``rows_in == rows_out + skipped + filtered`` is checked for every split. A problem
-with a whole source file (missing, truncated or non-UTF-8 JSON, wrong top-level type, an
-HF parquet without the needed columns) raises :class:`SourceFileError` naming the file before
-anything is written. The parquet files and ``summary.json`` are published together (temp
+with a whole source file (missing, truncated or non-UTF-8 JSON / JSON lines / CSV, wrong
+top-level type, a CSV or HF parquet without the needed columns) raises
+:class:`SourceFileError` naming the file before anything is written. The parquet files and ``summary.json`` are published together (temp
 files, then renames), so a summary never describes parquet it was not written with.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import hashlib
 import io
@@ -19,11 +20,12 @@ import json
 import math
 import os
 import re
+import string
 import struct
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -67,6 +69,7 @@ SCHEMA = pa.schema(
                     ("organ", pa.string()),
                     ("lang", pa.string()),
                     ("options", pa.list_(pa.struct([("letter", pa.string()), ("content", pa.string())]))),
+                    ("choices", pa.list_(pa.string())),
                 ]
             ),
         ),
@@ -92,6 +95,7 @@ SKIP_REASONS: dict[str, str] = {
     "malformed_detection": "the image's SLAKE detection.json is unreadable or not a list of {label: [x, y, w, h]}",
     "bad_box": "a box the row needs is not 4 finite numbers with w, h > 0, or lies outside the image",
     "duplicate_qid": "record id already written in this split (the first one is kept)",
+    "answer_not_an_option": "multiple-choice ground truth names none (or more than one) of the record's options",
 }
 MAX_DUPLICATES_LISTED = 50
 
@@ -216,6 +220,21 @@ def question_answer(
     if not q.strip() or not a.strip():
         raise SkipRow("empty_question_or_answer", f"qid {rid}")
     return q, a
+
+
+def question_text(rec: dict[str, Any], key: str = "question") -> str:
+    """The question text of a record, checked (never stringified from another type).
+
+    Raises:
+        SkipRow: ``non_string_question`` or ``empty_question_or_answer`` (blank).
+    """
+    q = rec.get(key)
+    rid = rec.get("qid", rec.get("id", ""))
+    if not isinstance(q, str):
+        raise SkipRow("non_string_question", f"qid {rid}: question {q!r}"[:200])
+    if not q.strip():
+        raise SkipRow("empty_question_or_answer", f"qid {rid}: empty question")
+    return q
 
 
 def image_path(root: Path, name: Any) -> Path:
@@ -353,6 +372,24 @@ def clip_boxes(
 # --- source files --------------------------------------------------------------------------
 
 
+def read_source_text(path: Path) -> str:
+    """The text of a source file (UTF-8, a BOM dropped).
+
+    Raises:
+        SourceFileError: the file is missing, not a file, unreadable or not UTF-8 (named).
+    """
+    if not path.exists():
+        raise SourceFileError(f"{path}: split file missing")
+    if not path.is_file():
+        raise SourceFileError(f"{path}: not a file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except OSError as e:
+        raise SourceFileError(f"{path}: cannot be read ({e})") from e
+
+
 def load_json_list(path: Path) -> list[Any]:
     """The records of a JSON split file: its top level must be a list.
 
@@ -360,16 +397,7 @@ def load_json_list(path: Path) -> list[Any]:
         SourceFileError: the file is missing, not a file, not UTF-8, not valid JSON (e.g.
             truncated) or its top level is not a list; the message names the file.
     """
-    if not path.exists():
-        raise SourceFileError(f"{path}: split file missing")
-    if not path.is_file():
-        raise SourceFileError(f"{path}: not a file")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise SourceFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-    except OSError as e:
-        raise SourceFileError(f"{path}: cannot be read ({e})") from e
+    text = read_source_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -378,6 +406,113 @@ def load_json_list(path: Path) -> list[Any]:
         what = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
         raise SourceFileError(f"{path}: top level is {what}, expected a list of records")
     return data
+
+
+def load_jsonl(path: Path) -> list[Any]:
+    """The records of a JSON-lines split file, one JSON value a line (blank lines ignored);
+    a value that is not an object is the converter's to count (``malformed_record``).
+
+    Raises:
+        SourceFileError: the file is missing, unreadable or not UTF-8, or a line is not valid
+            JSON (e.g. the file is truncated); the message names the file and line.
+    """
+    records = []
+    for n, line in enumerate(read_source_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SourceFileError(f"{path}: line {n} is not valid JSON, truncated or damaged ({e})") from e
+    return records
+
+
+def load_csv_records(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV split file with a header line, as ``{column: text}`` dicts (a row
+    shorter than the header has ``None`` for its missing cells).
+
+    Raises:
+        SourceFileError: the file is missing, unreadable or not UTF-8, not parseable as CSV,
+            or a ``required`` column is absent from the header (the file is named).
+    """
+    text = read_source_text(path)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise SourceFileError(f"{path}: CSV header {columns[:12]} lacks the columns {missing}")
+        return list(reader)
+    except csv.Error as e:
+        raise SourceFileError(f"{path}: not a readable CSV file ({e})") from e
+
+
+def first_existing(src: Path, names: Sequence[str]) -> Path:
+    """``src / name`` for the first of ``names`` that exists (a split's file in the layouts a
+    release is found in).
+
+    Raises:
+        SourceFileError: none exists; the message lists every path tried.
+    """
+    for name in names:
+        if (src / name).exists():
+            return src / name
+    raise SourceFileError(f"split file missing: none of {[str(src / n) for n in names]}")
+
+
+# --- multiple choice -----------------------------------------------------------------------
+
+
+def lettered(contents: Sequence[str]) -> list[dict[str, str]]:
+    """``[{"letter": "A", "content": ...}, ...]`` for option texts in order.
+
+    >>> lettered(["Lung", "Liver"])
+    [{'letter': 'A', 'content': 'Lung'}, {'letter': 'B', 'content': 'Liver'}]
+
+    Raises:
+        ValueError: more than 26 options.
+    """
+    if len(contents) > len(string.ascii_uppercase):
+        raise ValueError(f"{len(contents)} options: more than the letters A-Z")
+    return [{"letter": string.ascii_uppercase[i], "content": str(c)} for i, c in enumerate(contents)]
+
+
+def answer_letter(answer: Any, options: Sequence[dict[str, str]], where: str = "") -> str:
+    """The option letter a multiple-choice ground truth gives: one of the options' letters,
+    case, spaces and one pair of brackets ignored (``"b"``, ``" B "``, ``"(B)"`` are ``"B"``).
+
+    >>> answer_letter("(c)", lettered(["x", "y", "z"]))
+    'C'
+
+    Raises:
+        SkipRow: ``answer_not_an_option`` (not a string, or no option has that letter).
+    """
+    letters = [o["letter"] for o in options]
+    if isinstance(answer, str):
+        a = answer.strip()
+        if a.startswith("(") and a.endswith(")"):
+            a = a[1:-1].strip()
+        if a.upper() in letters:
+            return a.upper()
+    raise SkipRow("answer_not_an_option", f"{where}: answer {answer!r} is not one of {letters}"[:300])
+
+
+def make_image_row(images: Sequence[tuple[CheckedImage, str]], **fields: Any) -> dict[str, Any]:
+    """:func:`vitos_verl.data.make_row` for one or more checked images ``(image, path)`` in order:
+    the first gives ``image_bytes`` / ``image_path`` / ``image_size``, the others ``extra_images``.
+
+    Raises:
+        ValueError: no image, or what ``make_row`` raises.
+    """
+    if not images:
+        raise ValueError("a row needs at least one image")
+    (first, path), rest = images[0], images[1:]
+    return make_row(
+        image_bytes=first.data,
+        image_path=path,
+        image_size=first.size,
+        extra_images=[(im.data, p) for im, p in rest],
+        **fields,
+    )
 
 
 # --- Hugging Face parquet layout (image bytes + question + answer) -------------------------
@@ -486,33 +621,54 @@ def _sha256(path: Path) -> str:
 # --- CLI -----------------------------------------------------------------------------------
 
 Converter = Callable[[list[Any], str, argparse.Namespace, SplitReport], list[dict[str, Any]]]
+Loader = Callable[[Path, Any], list[Any]]
 
 
-def parser(dataset: str, default_src: str, splits: tuple[str, ...]) -> argparse.ArgumentParser:
+def parser(
+    dataset: str,
+    default_src: str,
+    splits: tuple[str, ...],
+    layouts: str = "release layout or Hugging Face parquet layout",
+    default_splits: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
     """The CLI options every converter shares (``--src --out --splits --limit``); a converter adds its own
-    (SLAKE: ``--lang``, ``--box-rule``), so every flag in a ``--help`` does something."""
+    (SLAKE: ``--lang``, ``--box-rule``), so every flag in a ``--help`` does something. ``layouts``
+    names the source layouts the converter reads (shown in ``--help``); ``default_splits`` the
+    splits converted without ``--splits`` (default: all of ``splits``)."""
     p = argparse.ArgumentParser(
         prog=f"python -m data_prep.{dataset}",
-        description=f"Convert {dataset} (release layout or Hugging Face parquet layout) to verl parquet.",
+        description=f"Convert {dataset} ({layouts}) to verl parquet.",
     )
-    p.add_argument("--src", type=Path, default=Path(default_src), help="dataset folder (release or HF layout)")
+    p.add_argument("--src", type=Path, default=Path(default_src), help=f"dataset folder ({layouts})")
     p.add_argument("--out", type=Path, default=Path("outputs/data") / dataset, help="output folder")
-    p.add_argument("--splits", default=",".join(splits), help=f"comma-separated, from {','.join(splits)}")
+    default = ",".join(default_splits or splits)
+    p.add_argument("--splits", default=default, help=f"comma-separated, from {','.join(splits)} (default: {default})")
     p.add_argument("--limit", type=int, default=0, help="keep at most N rows per split (0: all)")
     return p
 
 
-def run(dataset: str, args: argparse.Namespace, convert: Converter, release_files: dict[str, str]) -> dict[str, Any]:
+def run(
+    dataset: str,
+    args: argparse.Namespace,
+    convert: Converter,
+    release_files: dict[str, Any],
+    *,
+    load: Loader | None = None,
+    hf_layout: bool = True,
+) -> dict[str, Any]:
     """Convert every requested split, write ``<out>/<split>.parquet`` and ``<out>/summary.json``.
 
     First every asked split's source is read and checked (release layout: the JSON file
-    ``release_files[split]`` under ``--src``, loaded with :func:`load_json_list`; HF parquet
-    layout, detected by any ``*.parquet`` under ``--src``: :func:`check_hf_file`), so a
-    whole-file problem stops the run before anything is written. Then each split is converted
+    ``release_files[split]`` under ``--src``, loaded with :func:`load_json_list`, or whatever
+    ``load(src, release_files[split])`` returns when the release has another format (CSV,
+    JSON lines, a folder of files); HF parquet layout, detected by any ``*.parquet`` under
+    ``--src`` unless ``hf_layout`` is false: :func:`check_hf_file`), so a whole-file problem
+    stops the run before anything is written. Then each split is converted
     by ``convert(records, split, args, report)`` (or :func:`convert_hf`) into a temp parquet;
     at the end the old summary is removed, the parquet files renamed into place and the new
     summary written (temp + rename). The summary gives, per split, the row accounting, the
-    ``box_rules`` distribution of the written rows and each parquet's size and sha256.
+    ``box_rules`` distribution of the written rows, ``image_counts`` (written rows by number
+    of images, e.g. ``{"1": 1581, "2": 236}``) and each parquet's size and sha256.
 
     Raises:
         FileNotFoundError: ``--src`` does not exist.
@@ -526,7 +682,7 @@ def run(dataset: str, args: argparse.Namespace, convert: Converter, release_file
     splits = list(dict.fromkeys(s.strip() for s in args.splits.split(",") if s.strip()))
     if not splits:
         raise DataPrepError(f"{dataset}: no split asked for (--splits {args.splits!r})")
-    hf = hf_parquet_files(src)
+    hf = hf_parquet_files(src) if hf_layout else {}
     sources: dict[str, Any] = {}
     if hf:
         for split in splits:
@@ -540,7 +696,8 @@ def run(dataset: str, args: argparse.Namespace, convert: Converter, release_file
         if unknown:
             raise DataPrepError(f"{dataset}: unknown split(s) {unknown} (choose from {sorted(release_files)})")
         for split in splits:
-            sources[split] = load_json_list(src / release_files[split])
+            name = release_files[split]
+            sources[split] = load(src, name) if load else load_json_list(src / name)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -568,6 +725,7 @@ def run(dataset: str, args: argparse.Namespace, convert: Converter, release_file
             report.rows_out = len(rows)
             report.check(f"{dataset}/{split}")
             rules = Counter(r["extra_info"]["box_rule"] for r in rows)
+            n_images = Counter(len(r["images"]) for r in rows)
             final = out / f"{split}.parquet"
             temps[split] = tmp = out / f".{split}.parquet.tmp"
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp, compression="zstd")
@@ -577,6 +735,7 @@ def run(dataset: str, args: argparse.Namespace, convert: Converter, release_file
                 "bytes": tmp.stat().st_size,
                 "sha256": _sha256(tmp),
                 "box_rules": {r: rules.get(r, 0) for r in ("named", "none", "all")},
+                "image_counts": {str(k): n_images[k] for k in sorted(n_images)},
                 **report.as_dict(),
             }
         summary_path = out / "summary.json"
@@ -612,6 +771,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
         if any(s["box_rules"][r] for r in ("named", "all")):
             print("        box rules: " + ", ".join(f"{k}={v}" for k, v in s["box_rules"].items()))
+        if any(k != "1" for k in s.get("image_counts", {})):
+            print("        rows by image count: " + ", ".join(f"{k}={v}" for k, v in s["image_counts"].items()))
         if s["notes"]:
             print("        notes: " + ", ".join(f"{k}={v}" for k, v in s["notes"].items()))
         if s["duplicate_ids"]:

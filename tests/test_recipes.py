@@ -15,7 +15,10 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-RL_RECIPES = sorted(p.stem for p in RECIPES.glob("*.yaml") if not p.stem.startswith("_") and "sft" not in p.stem)
+RL_RECIPES = sorted(
+    p.stem for p in RECIPES.glob("*.yaml") if not p.stem.startswith(("_", "eval")) and "sft" not in p.stem
+)
+EVAL_RECIPES = sorted(p.stem for p in RECIPES.glob("eval*.yaml"))
 
 
 def _compose(name: str, overrides=()):
@@ -75,6 +78,30 @@ def test_recipe_composes_and_checks(name, monkeypatch, tmp_path):
     assert all(str(f).startswith(str(tmp_path)) for f in files), files
     assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "vitos_pruned"
     assert not cfg.trainer.use_v1
+
+
+@pytest.mark.parametrize("name", EVAL_RECIPES)
+def test_eval_recipe_composes(name, monkeypatch, tmp_path):
+    """Each evaluation recipe names known benchmarks whose converters exist, known methods, and
+    the box rule of the training recipe it evaluates (margin_cells, box_format)."""
+    import importlib
+
+    from vitos_verl.eval.methods import METHODS
+    from vitos_verl.eval.protocols import DATASETS
+    from vitos_verl.platform.precision import register_resolver
+
+    register_resolver()
+    monkeypatch.setenv("VITOS_OUTPUTS", str(tmp_path))
+    cfg = _compose(name, ["model.path=/models/x"])
+    OmegaConf.resolve(cfg)
+    assert set(cfg.methods) <= set(METHODS) and cfg.keep_ratio == "match"
+    for bench, spec in cfg.benchmarks.items():
+        assert bench in DATASETS and spec.src and spec.split
+        assert callable(importlib.import_module(f"data_prep.{bench}").main)
+    trained = _compose("smoke_cpu" if name == "eval_cpu" else "lingshu7b").vitos
+    assert (cfg.vitos.margin_cells, cfg.vitos.box_format) == (trained.margin_cells, trained.box_format)
+    if name != "eval_cpu":
+        assert set(cfg.benchmarks) == set(DATASETS), "the GPU recipes evaluate all seven benchmarks"
 
 
 def test_ablation_deltas():

@@ -123,14 +123,20 @@ def row_uid(row: Mapping[str, Any]) -> str:
     return str(e.get("record_id") or f"row{e['index']}")
 
 
-def medevalkit_choices(dataset: str, options: Sequence[Mapping[str, str]]) -> list[str] | None:
+def medevalkit_choices(
+    dataset: str, options: Sequence[Mapping[str, str]], raw: Sequence[str] | None = None
+) -> list[str] | None:
     """The option list MedEvalKit's judge sees for a multiple-choice row (None for VQA datasets).
 
+    ``raw``: the converter's ``extra_info.choices`` (the strings MedEvalKit builds, as read from
+    the release), used as they are when present; otherwise rebuilt from ``options``:
     ``"A. text"`` for OmniMedVQA and MedXpertQA, PMC-VQA's raw ``"A:text"`` strings, the bare
     option texts for MMMU (see :func:`vitos_verl.eval.protocols.judge`).
     """
     if dataset not in CHOICE_DATASETS or not options:
         return None
+    if raw:
+        return list(raw)
     if dataset == "mmmu_med":
         return [o["content"] for o in options]
     if dataset == "pmc_vqa":
@@ -430,7 +436,7 @@ class Evaluator:
     def _record(self, benchmark: str, method: str, it: Item, fields: dict, out, share: float) -> dict:
         e = it.extra
         prediction = out.outputs[0].text
-        choices = medevalkit_choices(benchmark, e.get("options") or [])
+        choices = medevalkit_choices(benchmark, e.get("options") or [], e.get("choices"))
         rng = random.Random(zlib.crc32(f"{self.cfg.seed}:{it.uid}".encode()))
         answer = it.row["reward_model"]["ground_truth"]
         grounding_time = float(fields.pop("grounding_time_s", 0.0))
