@@ -2,6 +2,10 @@
 #   make demo   set everything up, prepare the real data, warm-start the tiny policy, train the
 #               CPU smoke recipe (both streams, a checkpoint, two-pass validation), print a summary
 #   make test   set everything up, run the test suite (what CI runs)
+#   make eval   evaluate the warm-started tiny model and the smoke run's last checkpoint on the
+#               SLAKE and VQA-RAD test splits, two-pass and every baseline; tables, plots, HTML
+#   make curve  train the smoke recipe 100+ steps (STEPS=120) as its own run and plot each
+#               stream's reward, IoU, accuracy, format rate and keep ratio (not in CI; ~30 min)
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
@@ -19,7 +23,7 @@ export VITOS_DATA := $(DATA)
 
 RECIPE ?= smoke_cpu
 
-.PHONY: setup data tiny warmstart train summary demo pruned-check test test-slow bench lint clean
+.PHONY: setup data tiny warmstart train summary demo eval curve pruned-check test test-slow bench lint clean
 
 setup:
 	bash scripts/setup_cpu.sh
@@ -44,6 +48,21 @@ summary:
 
 demo: train
 	$(PY) -m vitos_verl.eval.summary $(OUT)/runs/$(RECIPE)
+
+# evaluation (vitos_verl/eval, recipes/eval_cpu.yaml): both models into one report under $(OUT)/eval;
+# resumable (a rerun evaluates only what is missing). EVAL_ARGS: hydra overrides, e.g. limit=50
+eval: warmstart
+	VITOS_OUTPUTS=$(OUT) $(PY) -m vitos_verl.eval --config-path $(CURDIR)/recipes --config-name eval_cpu \
+		model.path=$(OUT)/models/tiny-qwen2.5-vl-sft model.tag=tiny-warmstart $(EVAL_ARGS)
+	@if [[ -f $(OUT)/runs/$(RECIPE)/ckpt/latest_checkpointed_iteration.txt ]]; then \
+		VITOS_OUTPUTS=$(OUT) $(PY) -m vitos_verl.eval --config-path $(CURDIR)/recipes --config-name eval_cpu \
+			model.path=$(OUT)/runs/$(RECIPE)/ckpt $(EVAL_ARGS); \
+	else echo "eval: no $(RECIPE) checkpoint yet (make train); evaluated the warm start only"; fi
+
+# learning curves: scripts/curve_cpu.sh (STEPS, NAME, WINDOW; writes $(OUT)/runs/curve_cpu/curve.png)
+STEPS ?= 120
+curve: warmstart
+	OUT=$(OUT) PY=$(PY) STEPS=$(STEPS) bash scripts/curve_cpu.sh $(TRAIN_ARGS)
 
 pruned-check: data tiny
 	$(PY) -m vitos_verl.eval.pruned_check --model $(OUT)/models/tiny-qwen2.5-vl \

@@ -72,9 +72,8 @@ REFUSED = [
     (["algorithm.filter_groups.enable=true"], r"filter_groups.enable=True: dynamic sampling"),
     (["algorithm.use_pf_ppo=true"], r"use_pf_ppo=True"),
     (["trainer.critic_warmup=2"], r"critic_warmup=2: GRPO has no critic"),
-    (["trainer.rollout_data_dir=/tmp/x"], r"rollout_data_dir='/tmp/x'"),
-    (["trainer.validation_data_dir=/tmp/x"], r"validation_data_dir='/tmp/x'"),
-    (["trainer.log_val_generations=4"], r"log_val_generations=4"),
+    (["trainer.log_val_generations=-1"], r"trainer.log_val_generations=-1 must be >= 0"),
+    (["trainer.log_val_generations=some"], r"trainer.log_val_generations='some' must be an integer"),
     (["global_profiler.steps=[1,2]"], r"global_profiler.steps=\[1, 2\]: the profiler"),
 ]
 
@@ -92,6 +91,18 @@ def test_missing_data_file(outputs, which):
     with pytest.raises(ValueError, match=rf"data.{which}_files: missing \['{victim}'\].*data_prep"):
         check_config(_cfg())
     check_config(_cfg(), check_files=False)
+
+
+def test_rollout_and_validation_dumps_are_honoured(outputs):
+    """verl's rollout_data_dir, validation_data_dir and log_val_generations are implemented per
+    stream (vitos_verl.trainer.rollout_dump; issue 13, item 1), no longer refused; the smoke
+    recipe sets them under its run folder."""
+    cfg = _cfg("trainer.rollout_data_dir=/tmp/x", "trainer.validation_data_dir=/tmp/y", "trainer.log_val_generations=4")
+    check_config(cfg)
+    smoke = _cfg()
+    run = Path(smoke.trainer.default_local_dir).parent
+    assert Path(smoke.trainer.rollout_data_dir).parent == run == Path(smoke.trainer.validation_data_dir).parent
+    assert smoke.trainer.log_val_generations > 0
 
 
 def test_integers_for_floats_are_fine(outputs):

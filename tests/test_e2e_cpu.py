@@ -91,7 +91,138 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return load(run_dir)
 
 
-def test_ray_job_submit_train_kill_resume(outputs, ray_head):
+def _check_dumps(run_dir: Path, metrics: dict[int, dict], logs: str, env: dict) -> None:
+    """Rollouts you can look at (issue 13, item 1; the smoke recipe's trainer.rollout_data_dir,
+    validation_data_dir and log_val_generations): both streams' JSONL of both steps (step 1 from
+    the stopped job, step 2 from the resumed one) and of the validation, read back and checked
+    (every field; box in original pixels = the resized box mapped back; a reasoning line's keep
+    ratio = its mask's), the validation table (console and file backends), and the overlay grid."""
+    import numpy as np
+    from PIL import Image
+
+    from vitos_verl.pruning import decode_keep_mask
+    from vitos_verl.trainer.rollout_dump import FIELDS, TABLE_COLUMNS, check_row, read_jsonl
+
+    for name, n in (("grounding", 4 * 2), ("reasoning", 4 * 2 * 2)):
+        for step in (1, 2):
+            rows = read_jsonl(run_dir / "rollouts" / f"{step}_{name}.jsonl")
+            assert len(rows) == n and {(r["step"], r["stream"]) for r in rows} == {(step, name)}
+            for r in rows:
+                assert set(r) == set(FIELDS) and r["output"] is not None and r["image"] and r["record_id"]
+                check_row(r)
+                assert isinstance(r["advantage"], float) and r["data_source"] in ("slake", "vqa_rad")
+            if name == "reasoning":  # the logged keep ratio is the mean of the masks the answers saw
+                kept = np.mean([decode_keep_mask(r["keep_mask"]).float().mean().item() for r in rows])
+                assert kept == pytest.approx(metrics[step]["vitos/keep_ratio"], abs=1e-6)
+            assert metrics[step]["dump/errors"] == 0 and metrics[step]["dump/rows"] >= 4 * 2 * 3
+        val = read_jsonl(run_dir / "validation" / f"val_2_{name}.jsonl")
+        assert len(val) == 4 and all(r["advantage"] is None and r["split"] == "val" for r in val)
+        for r in val:
+            check_row(r)
+    assert metrics[2]["val/dump_errors"] == 0
+    # the table of log_val_generations=4 validation samples: text columns on the console and in a file
+    assert "validation generations at step 2 (4 samples)" in logs
+    table = read_jsonl(run_dir / "val_generations.jsonl")
+    assert len(table) == 4 and set(table[0]) == set(TABLE_COLUMNS) and {t["step"] for t in table} == {2}
+    # a grid of the model's own boxes and kept cells, images found through data_files.json
+    grid = run_dir / "grid.png"
+    _run([sys.executable, "-m", "vitos_verl.eval.overlay", "--rollouts", str(run_dir / "rollouts" / "2_reasoning.jsonl"),
+          "--n", "4", "--out", str(grid)], env, 300)
+    assert Image.open(grid).size == (2 * 256, 2 * (256 + 14))
+
+
+def _serve_one_pruned_request(hf_dir: Path, data_parquet: Path, env: dict, tmp: Path) -> dict:
+    """``vllm serve`` the exported model with the pruning plugin (README "Export and serve") and
+    send one chat request on a real image twice: unpruned, then with a keep mask in
+    ``mm_processor_kwargs``; returns both responses' JSON."""
+    import base64
+    import io as _io
+    import socket
+    import urllib.request
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from vitos_verl.pruning import box_to_keep_mask, encode_keep_mask, image_geometry
+
+    row = pq.read_table(data_parquet).slice(0, 1).to_pylist()[0]
+    image = Image.open(_io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(BIN / "vllm"), "serve", str(hf_dir), "--port", str(port), "--host", "127.0.0.1",
+           "--hf-overrides", json.dumps({"architectures": ["ViToSQwen2_5_VLForConditionalGeneration"]}),
+           "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "2",
+           "--kv-cache-memory-bytes", str(1 << 29), "--limit-mm-per-prompt", json.dumps({"image": 1})]
+    log = open(tmp / "vllm_serve.log", "w")
+    server = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, (tmp / "vllm_serve.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not come up in 600 s"
+                time.sleep(3)
+        buf = _io.BytesIO()
+        image.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        from transformers import AutoProcessor
+
+        from vitos_verl.data.dataset import processor_pixel_budget
+
+        lo, hi = processor_pixel_budget(AutoProcessor.from_pretrained(hf_dir))
+        geom = image_geometry(*image.size, lo, hi)
+        w, h = geom.resized_size
+        mask = box_to_keep_mask([0, 0, w / 2, h / 2], geom.cell_grid)
+        out = {"visual_tokens": geom.num_tokens, "kept": int(mask.sum())}
+        for name, extra in (("full", {}), ("pruned", {"mm_processor_kwargs": {"vitos_keep": encode_keep_mask(mask)}})):
+            body = {"model": str(hf_dir), "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                              {"type": "text", "text": row["extra_info"]["question"]}]}],
+                    **extra}
+            req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            out[name] = json.loads(urllib.request.urlopen(req, timeout=300).read())
+        return out
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _evaluate_and_serve(run_dir: Path, outputs: Path, data_dir: Path, env: dict) -> None:
+    """The README's evaluation and export on the trained checkpoint (issue 12's CI slice, issue
+    13 item 2): ``python -m vitos_verl.eval`` on the run folder (merged by verl.model_merger into
+    an HF directory) answers 4 SLAKE and 4 VQA-RAD test questions under every method and writes
+    the report; ``vllm serve`` of the exported directory prunes one request through the plugin."""
+    out = outputs / "eval"
+    _run([sys.executable, "-m", "vitos_verl.eval", "--config-path", str(ROOT / "recipes"), "--config-name", "eval_cpu",
+          f"model.path={run_dir / 'ckpt'}", f"out_dir={out}", "limit=4",
+          f"benchmarks.slake.src={data_dir / 'slake'}", "benchmarks.slake.args=[--lang,all,--limit,8]",
+          f"benchmarks.vqa_rad.src={data_dir / 'vqa_rad'}", "benchmarks.vqa_rad.args=[--limit,8]"], env, 1200)
+    hf = out / "models" / "smoke_cpu-step2"
+    assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
+    for bench in ("slake", "vqa_rad"):
+        for method in ("full", "vitos", "crop", "oracle", "random", "center", "fastv"):
+            lines = (out / "predictions" / "smoke_cpu-step2" / bench / f"{method}.jsonl").read_text().splitlines()
+            recs = [json.loads(line) for line in lines]
+            assert len(recs) == 4 and all(set(r["correct"]) == {"medevalkit", "strict"} for r in recs)
+    assert "| ViToS" in (out / "report.md").read_text() and (out / "cards.html").is_file()
+    served = _serve_one_pruned_request(hf, outputs / "data" / "slake" / "val.parquet", env, outputs)
+    dropped = served["visual_tokens"] - served["kept"]
+    assert dropped > 0
+    assert served["full"]["usage"]["prompt_tokens"] - served["pruned"]["usage"]["prompt_tokens"] == dropped
+    assert served["pruned"]["choices"][0]["message"]["content"] is not None
+
+
+def test_ray_job_submit_train_kill_resume(outputs, ray_head, data_dir):
     env = _ray_env(RAY_ADDRESS=ray_head)
     run_dir = outputs / "runs" / "smoke_cpu"
     ckpt = run_dir / "ckpt"
@@ -129,4 +260,6 @@ def test_ray_job_submit_train_kill_resume(outputs, ray_head):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     summary = _run([sys.executable, "-m", "vitos_verl.eval.summary", str(run_dir)], env, 120).stdout
     assert "reasoning prompts are" in summary and "validation at step 2" in summary
+    _check_dumps(run_dir, both, logs, env)
     shutil.rmtree(ckpt / "global_step_1", ignore_errors=True)
+    _evaluate_and_serve(run_dir, outputs, data_dir, env)

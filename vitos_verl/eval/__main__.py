@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(2) from None
     print(f"evaluated (new questions per benchmark and method): {counts}")
     ref = cfg.report.reference
-    out = write_report(cfg.out_dir, cfg.out_dir, reference=ref, cards=int(cfg.report.cards))
+    out = write_report(cfg.out_dir, None, reference=ref, cards=int(cfg.report.cards))
     print(f"report: {out}")
 
 

@@ -902,6 +902,46 @@ def write_cards(
     body.append("</body></html>")
     path = out_dir / "cards.html"
     path.write_text("\n".join(body), encoding="utf-8")
+    if chosen:
+        _write_preview(kept, images, out_dir / "cards_preview.png")
+    return path
+
+
+def _write_preview(kept: Mapping[str, list[list[dict]]], images: Mapping, path: Path, questions: int = 2, tile: int = 240) -> Path:
+    """``cards_preview.png``: the first ``questions`` cards of each benchmark as one picture (a row
+    per question: every method's thumbnail with its verdicts and answer), drawn with Pillow for
+    places without a browser (the page itself is ``cards.html``)."""
+    from PIL import Image, ImageDraw
+
+    from vitos_verl.eval.protocols import strict_answer
+
+    rows = []
+    for b, qs in kept.items():
+        for q in qs[:questions]:
+            tiles = []
+            for r in q:
+                img = images.get((b, r.get("index")))
+                pic = render_thumbnail(img, r, tile) if img is not None and not isinstance(img, str) else Image.new("RGB", (tile, tile), "grey")
+                card = Image.new("RGB", (tile, tile + 78), "white")
+                card.paste(pic, (0, 0))
+                answer = strict_answer(str(r.get("prediction") or "")) or ""
+                lines = [f"{b} {r.get('uid')} | {r.get('method')} | keep {_fmt(_num(r.get('keep_ratio')), 2)}",
+                         f"Q: {str(r.get('question') or '')[:38]}", f"truth: {str(r.get('answer') or '')[:32]}",
+                         f"answer: {answer[:32]}",
+                         "medevalkit " + ("right" if (r.get("correct") or {}).get("medevalkit") else "wrong")
+                         + " | strict " + ("right" if (r.get("correct") or {}).get("strict") else "wrong")]
+                draw = ImageDraw.Draw(card)
+                for k, line in enumerate(lines):
+                    draw.text((4, tile + 3 + 15 * k), line, fill="black")
+                tiles.append(card)
+            if tiles:
+                rows.append(tiles)
+    width = max(len(t) for t in rows) * (tile + 6)
+    sheet = Image.new("RGB", (width, len(rows) * (tile + 84)), (230, 230, 230))
+    for i, tiles in enumerate(rows):
+        for j, card in enumerate(tiles):
+            sheet.paste(card, (j * (tile + 6), i * (tile + 84)))
+    sheet.save(path)
     return path
 
 

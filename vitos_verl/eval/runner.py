@@ -43,7 +43,7 @@ from tqdm import tqdm
 from vitos_verl.data.prompts import to_content_list
 from vitos_verl.eval.methods import MATCHED, METHODS, TWO_PASS, center_mask, matched_count, random_mask, topk_mask
 from vitos_verl.eval.protocols import CHOICE_DATASETS, DATASETS, judge_both
-from vitos_verl.export import export, is_hf_dir
+from vitos_verl.export import actor_dir, export, is_hf_dir
 from vitos_verl.pruning import (
     ImageGeometry,
     box_to_original,
@@ -182,6 +182,20 @@ def open_for_append(path: Path):
 # --------------------------------------------------------------------------- the evaluator
 
 
+def checkpoint_tag(path: Path) -> str:
+    """A model's name in tables: ``<run>-step<N>`` for a verl checkpoint (``.../<run>/[ckpt/]global_step_N[/actor]``),
+    else the folder's name.
+
+    >>> checkpoint_tag(Path("outputs/runs/smoke_cpu/ckpt/global_step_3/actor")), checkpoint_tag(Path("models/Lingshu-7B"))
+    ('smoke_cpu-step3', 'Lingshu-7B')
+    """
+    p = path.parent if path.name == "actor" else path
+    if p.name.startswith("global_step_"):
+        run = p.parent.parent if p.parent.name in ("ckpt", "checkpoints") else p.parent
+        return f"{run.name}-step{p.name.removeprefix('global_step_')}"
+    return p.name
+
+
 class Refused:
     """Stands in for the ``RequestOutput`` of a request vLLM refused (``error`` says why)."""
 
@@ -229,7 +243,7 @@ class Evaluator:
         self.methods = [m for m in METHODS if m in methods]  # vitos before the methods matched to it
         self.out = Path(cfg.out_dir)
         self.model_dir = self._model_dir()
-        self.tag = str(cfg.model.tag or self._default_tag())
+        self.tag = str(cfg.model.tag or self._auto_tag)
         from transformers import AutoProcessor
 
         from vitos_verl.data.dataset import processor_pixel_budget
@@ -245,19 +259,14 @@ class Evaluator:
     def _model_dir(self) -> Path:
         path = Path(str(self.cfg.model.path))
         if is_hf_dir(path):
+            self._auto_tag = path.name
             return path
+        actor = actor_dir(path)
+        self._auto_tag = checkpoint_tag(actor if actor is not None else path)
         try:
-            return export(path, self.out / "models" / self._default_tag(path))
+            return export(path, self.out / "models" / self._auto_tag)
         except Exception as e:
             raise EvalError(f"model.path={path}: {e}") from e
-
-    def _default_tag(self, path: Path | None = None) -> str:
-        """``<run>-step<N>`` for a verl checkpoint, else the folder's name."""
-        p = Path(str(self.cfg.model.path)) if path is None else path
-        p = p.parent if p.name == "actor" else p
-        if p.name.startswith("global_step_"):
-            return f"{p.parent.name}-step{p.name.removeprefix('global_step_')}"
-        return p.name
 
     @property
     def llm(self):

@@ -55,7 +55,8 @@ STAGES = [
     for s in (
         "gen_grounding", "prune", "gen_reasoning", "reward", "old_log_prob/grounding", "ref/grounding",
         "adv/grounding", "old_log_prob/reasoning", "ref/reasoning", "adv/reasoning", "update/grounding",
-        "update/reasoning", "update/grounding+reasoning", "save_checkpoint", "update_weights", "step",
+        "update/reasoning", "update/grounding+reasoning", "dump_rollout_generations", "save_checkpoint", "update_weights",
+        "step",
     )
 ]
 

@@ -51,6 +51,7 @@ _NUMBERS: tuple[tuple[str, bool, Callable[[float], bool], str], ...] = (
     ("trainer.test_freq", True, lambda v: v >= 1 or v == -1, ">= 1, or -1 for no periodic validation"),
     ("trainer.nnodes", True, lambda v: v >= 1, ">= 1"),
     ("trainer.n_gpus_per_node", True, lambda v: v >= 1, ">= 1"),
+    ("trainer.log_val_generations", True, lambda v: v >= 0, ">= 0 (validation samples logged as a table; 0: none)"),
 )
 
 # verl options that ViToSRayTrainer.fit() (which replaces verl's loop) does not honour:
@@ -66,11 +67,6 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("algorithm.filter_groups.enable", bool, "dynamic sampling (DAPO group filtering) is not implemented"),
     ("algorithm.use_pf_ppo", bool, "PF-PPO reweighting is not implemented"),
     ("trainer.critic_warmup", lambda v: v not in (None, 0), "GRPO has no critic to warm up; set it to 0"),
-    ("trainer.rollout_data_dir", lambda v: v not in (None, ""),
-     "per-stream rollout dumps are not written yet; leave it null"),
-    ("trainer.validation_data_dir", lambda v: v not in (None, ""),
-     "validation dumps are not written yet; leave it null"),
-    ("trainer.log_val_generations", lambda v: v not in (None, 0), "validation samples are not logged yet; set it to 0"),
     ("global_profiler.steps", lambda v: v not in (None, [], ()), "the profiler is not driven by the ViToS loop"),
 )
 

@@ -9,7 +9,7 @@ they work on verl ``DataProto`` batches laid out by the agent loop (left-padded 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -102,6 +102,10 @@ class ReasoningPlan:
         keep_ratio: ``(N_r,)`` float, visual tokens the reasoning sample sees over the image's.
         parsed: ``(N_g,)`` bool, whether each grounding output held a box.
         grounding_texts: the ``N_g`` decoded grounding responses the boxes came from.
+        boxes: ``N_g`` parsed boxes (the union of an output's boxes) ``[x1, y1, x2, y2]`` in
+            *resized* pixels, or None where an output held no box on the image.
+        keep_masks: ``N_g`` bool ``(rows, cols)`` masks over the full image's cells: what the
+            reasoning samples of each box see (``keep_ratio`` is their mean; all True unpruned).
     """
 
     box_index: np.ndarray
@@ -110,6 +114,8 @@ class ReasoningPlan:
     keep_ratio: np.ndarray
     parsed: np.ndarray
     grounding_texts: list[str]
+    boxes: list[list[float] | None] = field(default_factory=list)
+    keep_masks: list[torch.Tensor] = field(default_factory=list)
 
 
 def plan_reasoning(
@@ -142,17 +148,19 @@ def plan_reasoning(
     n_r = cfg.n_r if n_r is None else n_r
     if not len(grounding_texts) == len(grids) == len(image_sizes) == len(reasoning_chats):
         raise ValueError("grounding texts, grids, image sizes and reasoning chats must have one entry per sample")
-    idx, prompts, keeps, ratios, parsed = [], [], [], [], []
+    idx, prompts, keeps, ratios, parsed, unions, masks = [], [], [], [], [], [], []
     for i, (text, grid, size, chat) in enumerate(zip(grounding_texts, grids, image_sizes, reasoning_chats)):
         geom = geometry_from_grid(grid, orig_size=(int(size[0]), int(size[1])))
         boxes = parse_boxes(text, box_format=cfg.box_format, image_size=geom.resized_size)
         box = union_box(boxes) if boxes else None
         parsed.append(box is not None)
+        unions.append([float(v) for v in box] if box is not None else None)
         image = image_of(chat)
         if image is None and cfg.prune_mode == "crop":
             raise ValueError(f"sample {i}: crop mode needs the reasoning chat's image")
         ri = reasoning_input(cfg.prune_mode, image, geom, box, cfg.margin_cells, cfg.min_keep_ratio, cfg.unparsed_box)
         keep = ri.mm_processor_kwargs.get("vitos_keep", "") if not bool(ri.keep_mask.all()) else ""
+        masks.append(ri.keep_mask)
         prompt = replace_image(chat, ri.image) if cfg.prune_mode == "crop" else chat
         for _ in range(n_r):
             idx.append(i)
@@ -168,6 +176,8 @@ def plan_reasoning(
         np.asarray(ratios),
         np.asarray(parsed),
         list(grounding_texts),
+        unions,
+        masks,
     )
 
 

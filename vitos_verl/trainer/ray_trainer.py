@@ -25,6 +25,10 @@ One step (docs/design.md section 1, item 5), each stage timed as ``timing_s/<sta
    (:mod:`vitos_verl.trainer.loop`); verl's timing/throughput metrics per stream
    (:mod:`vitos_verl.trainer.perf`).
 
+Before the updates, both streams' samples go to ``trainer.rollout_data_dir`` as JSONL; each
+validation's to ``trainer.validation_data_dir``, and ``trainer.log_val_generations`` of them to
+the tracking backends as a table (:mod:`vitos_verl.trainer.rollout_dump`).
+
 Workers, resource pools, checkpointing (``trainer.resume_mode``), tracking and the dataloader
 state are verl's; only the step and validation are ViToS's. A sample whose rollout or reward
 failed is counted (``<stream>/failed/*``), left out of the reward means and given zero advantage
@@ -74,6 +78,7 @@ from vitos_verl.trainer.faults import check_not_all_failed, failed_mask, fault_m
 from vitos_verl.trainer.loop import final_actions, last_step, step_actions
 from vitos_verl.trainer.optim_steps import MINI_BATCH_KEY, mini_batch_size, optim_steps_taken
 from vitos_verl.trainer.perf import step_perf_metrics, stream_perf_metrics
+from vitos_verl.trainer.rollout_dump import GenerationDumps
 from vitos_verl.trainer.streams import update_stages
 
 _META_KEYS = ("data_source", "reward_model", "extra_info", "uid")
@@ -116,6 +121,11 @@ class ViToSRayTrainer(RayPPOTrainer):
         check_reward_kwargs(self.config)
         # the configured reward function, as verl's reward loop loads it for the reasoning stream
         self.reward_fn = configured_reward_fn(self.config)
+        # rollout/validation JSONL and the validation table (verl's _dump_generations and
+        # _maybe_log_val_generations, per stream)
+        self.dumps = GenerationDumps.from_config(
+            self.config, self.tokenizer, self.min_pixels, self.max_pixels, verl_logger=self.validation_generations_logger
+        )
 
     # ------------------------------------------------------------------ rollout
     def _generate(self, gen: DataProto, timing: dict, name: str) -> DataProto:
@@ -170,6 +180,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             g_out = self._generate(g_in, timing, "gen_grounding")
         g = g_out
         g.non_tensor_batch.update(meta_g)
+        g.non_tensor_batch["box_index"] = np.arange(len(g))  # each sample's own box (as the reasoning samples')
 
         with marked_timer("prune", timing, color="yellow"):
             texts = self._decode(g)
@@ -326,6 +337,9 @@ class ViToSRayTrainer(RayPPOTrainer):
                 metrics.update(fault_metrics(name, b.non_tensor_batch, len(b)))
                 streams[name] = self._log_probs(b, metrics, name, timing)
                 metrics.update({f"{name}/{k}": v for k, v in compute_data_metrics(streams[name], use_critic=False).items()})
+            if self.dumps.rollout_dir:
+                with marked_timer("dump_rollout_generations", timing, color="green"):
+                    self.dumps.training_step(self.global_steps, streams, plan)
             self._update(streams, metrics, timing)
             if save:
                 with marked_timer("save_checkpoint", timing, color="green"):
@@ -341,6 +355,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         for name, b in streams.items():
             metrics.update(stream_perf_metrics(name, b, timing, n_gpus))
         metrics.update(step_perf_metrics(streams, timing, n_gpus))
+        metrics.update(self.dumps.metrics())
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -405,7 +420,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         before it (the dataloader yields fewer batches than its length) saves and validates the
         step it reached unless that step already was (:func:`~vitos_verl.trainer.loop.final_actions`).
         """
-        tracker = self._tracker()
+        tracker = self.tracking = self._tracker()  # _validate logs its generations table through it
         trainer = self.config.trainer
         self.global_steps = 0
         self._load_checkpoint()
@@ -462,7 +477,9 @@ class ViToSRayTrainer(RayPPOTrainer):
         """Two-pass inference on the val split (one box, one answer per question, ``val_kwargs``).
 
         Returns ``val/<data_source>/acc``, ``val/<data_source>/iou`` (rows with boxes),
-        ``val/keep_ratio``, ``val/prompt_token_ratio`` and the other reward keys.
+        ``val/keep_ratio``, ``val/prompt_token_ratio`` and the other reward keys. Writes the
+        samples to ``trainer.validation_data_dir`` and logs ``trainer.log_val_generations`` of
+        them (:class:`~vitos_verl.trainer.rollout_dump.GenerationDumps`; ``val/dump_errors``).
         """
         acc: dict[str, list[float]] = defaultdict(list)
         faults: dict[str, float] = defaultdict(float)  # failed samples score 0 and stay in the means
@@ -472,6 +489,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             batch = DataProto.from_single_dict(batch_dict)
             batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
             g, r, plan = self.two_pass(batch, timing, 1, 1, validate=True)
+            self.dumps.validation_batch(self.global_steps, {"grounding": g, "reasoning": r}, plan)
             n_rows += len(batch)
             for name, b in (("grounding", g), ("reasoning", r)):
                 for k, v in fault_metrics(f"val/{name}", b.non_tensor_batch, len(b)).items():
@@ -496,4 +514,5 @@ class ViToSRayTrainer(RayPPOTrainer):
             out["val/rows"] = float(n_rows)
             out.update(faults)
         out.update({f"timing_s/val/{k}": v for k, v in timing.items()})
+        out.update(self.dumps.validation_end(self.global_steps, getattr(self, "tracking", None)))
         return out
