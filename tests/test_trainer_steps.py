@@ -100,6 +100,13 @@ class _Engine:
 
     def __init__(self, dp: int, rank: int):
         self.dp, self.rank = dp, rank
+        # a warm-up schedule, as verl's FSDP engine builds one: the LR climbs once per scheduler step
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 10))
+
+    def lr_scheduler_step(self):  # verl 0.9.1 FSDPEngine.lr_scheduler_step
+        self.lr_scheduler.step()
+        return self.lr_scheduler.get_last_lr()[0]
 
     def get_data_parallel_size(self):
         return self.dp
@@ -130,6 +137,8 @@ def _worker(cls, dp: int, rank: int):
 
     def train_batch(td):
         actor.steps.append((len(td), tu.get(td, "global_batch_size")))
+        if tu.get(td, "update_lr_scheduler", default=False):  # as TrainingWorker.train_batch does
+            actor.engine.lr_scheduler_step()
         return tu.get_tensordict({}, non_tensor_dict={"metrics": {"grad_norm": 1.0, "mfu": 0.25, "pg_loss": 0.1}})
 
     actor.train_batch = train_batch
@@ -239,6 +248,24 @@ def test_joint_update_takes_the_configured_steps(streams):
     assert metrics["actor/grounding+reasoning/optim_steps"] == B // MB
     assert seen["grounding+reasoning"][0] == [(n // (B // MB), n // (B // MB))] * (B // MB)
     assert "grounding+reasoning/perf/mfu/actor" in metrics
+
+
+@pytest.mark.parametrize("order", ["grounding_first", "joint"])
+def test_lr_scheduler_steps_once_per_vitos_step(streams, order):
+    """verl steps the LR scheduler after every update_actor call; a ViToS step updates twice, and
+    the schedule must still advance once per step (only the step's last update steps it)."""
+    t = _trainer(_config(f"vitos.order={order}"), ViToSActorRolloutRefWorker, 2)
+    for _ in range(3):
+        t._update({k: v.slice(0, len(v)) for k, v in streams.items()}, {}, {})
+    for w in t.actor_rollout_wg.ranks:
+        assert w.actor.engine.lr_scheduler.last_epoch == 3
+        assert w.actor.engine.lr_scheduler.get_last_lr()[0] == pytest.approx(0.4)
+        assert "lr_scheduler_step" not in vars(w.actor.engine)  # the engine's own method is back
+    # verl's own worker ignores the mark: two scheduler steps per ViToS step (the bug fixed)
+    t = _trainer(_config(), ActorRolloutRefWorker, 1)
+    for _ in range(3):
+        t._update({k: v.slice(0, len(v)) for k, v in streams.items()}, {}, {})
+    assert t.actor_rollout_wg.ranks[0].actor.engine.lr_scheduler.last_epoch == 6
 
 
 def test_optim_steps_config():

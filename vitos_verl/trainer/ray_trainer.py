@@ -76,7 +76,7 @@ from vitos_verl.trainer.dual_stream import (
 )
 from vitos_verl.trainer.faults import check_not_all_failed, failed_mask, fault_metrics, mask_failed
 from vitos_verl.trainer.loop import final_actions, last_step, step_actions
-from vitos_verl.trainer.optim_steps import MINI_BATCH_KEY, mini_batch_size, optim_steps_taken
+from vitos_verl.trainer.optim_steps import LR_STEP_KEY, MINI_BATCH_KEY, mini_batch_size, optim_steps_taken
 from vitos_verl.trainer.perf import step_perf_metrics, stream_perf_metrics
 from vitos_verl.trainer.rollout_dump import GenerationDumps
 from vitos_verl.trainer.streams import update_stages
@@ -288,9 +288,12 @@ class ViToSRayTrainer(RayPPOTrainer):
                 b = parts[0]
             # this update's mini-batch: its samples over its optimiser steps (the ViToS worker's update_actor)
             b.meta_info[MINI_BATCH_KEY] = mini_batch_size(len(b), self.update_steps[name], name)
+            # the LR scheduler advances once per ViToS step: on its last update only
+            b.meta_info[LR_STEP_KEY] = stage == self.stages[-1]
             with marked_timer(f"update/{name}", timing, color="red"):
                 out = self._update_actor(b)
             b.meta_info.pop(MINI_BATCH_KEY)
+            b.meta_info.pop(LR_STEP_KEY)
             raw = out.meta_info["metrics"]
             metrics[f"actor/{name}/optim_steps"] = optim_steps_taken(raw)
             # actor/<k> -> actor/<update>/<k>; verl's perf/mfu/actor -> <update>/perf/mfu/actor
