@@ -214,7 +214,7 @@ def _evaluate_and_serve(run_dir: Path, outputs: Path, data_dir: Path, env: dict)
             lines = (out / "predictions" / "smoke_cpu-step2" / bench / f"{method}.jsonl").read_text().splitlines()
             recs = [json.loads(line) for line in lines]
             assert len(recs) == 4 and all(set(r["correct"]) == {"medevalkit", "strict"} for r in recs)
-    assert "| ViToS" in (out / "report.md").read_text() and (out / "cards.html").is_file()
+    assert "| ViToS" in (out / "report" / "report.md").read_text() and (out / "report" / "cards.html").is_file()
     served = _serve_one_pruned_request(hf, outputs / "data" / "slake" / "val.parquet", env, outputs)
     dropped = served["visual_tokens"] - served["kept"]
     assert dropped > 0
