@@ -4,24 +4,60 @@ A request asks for pruning through ``mm_processor_kwargs={"vitos_keep": "<rows>x
 (:func:`vitos_verl.pruning.encode_keep_mask`; one image per pruned request). Then:
 
 * the processor emits only the kept number ``K`` of ``<|image_pad|>`` tokens and attaches the
-  mask (``vitos_keep_mask``) and a content key of the image (``vitos_image_key``) to the item;
+  mask (``vitos_keep_mask``) and the image's content key (``vitos_image_key``) to the item;
 * ``embed_multimodal`` takes the kept rows (raster order) of the *full-image* vision-encoder
-  output. That output is cached in the model by image content and grid only, never by the
-  box: the grounding pass fills it and every pruned request on the same image reuses it, so
-  the ViT runs once per image whatever the box;
+  output, cached in the model by image key only (never by the mask): the grounding pass fills
+  it and every pruned request on the same image reuses it, so the ViT runs once per image;
 * ``get_mrope_input_positions`` gives kept tokens their original ``(t, h, w)`` and starts the
   text after the image where it would start without pruning
   (:func:`vitos_verl.pruning.mrope_position_ids`, the same function the actor uses).
 
-vLLM keys its prefix and encoder caches by the image and ``mm_processor_kwargs``: requests
-whose boxes select the same cells carry the same ``vitos_keep`` text and share one cached
-prefix. No ``vitos_keep`` means no pruning: exactly the stock model.
+No ``vitos_keep`` means no pruning: the stock model, with vLLM's own item hash.
 
-The ViT cache is a bounded LRU (``VITOS_VIT_CACHE_ITEMS`` images, default 256, and
-``VITOS_VIT_CACHE_MB`` MiB of features, default 1024) and never outlives the weights it was
-computed with: every ``load_weights`` call empties it (verl's weight sync streams the policy in
-through it in chunks), and so does every ``reset_encoder_cache`` of the model runner (vLLM's
+What a pruned request costs (issue 11 item 2; docs: ``DESIGN.md`` section 1d)
+-----------------------------------------------------------------------------
+The front end (``ViToSMultiModalProcessor._cached_apply_hf_processor``) works per request with
+two hashes, both vLLM's hasher (blake3 by default, ``VLLM_MM_HASHER_ALGORITHM``):
+
+* ``h_img``: vLLM's item hash of the image *without* the ``vitos_*`` kwargs (the raw PIL pixels,
+  or the client's ``multi_modal_uuids`` entry instead of them). An unpruned item's vLLM hash is
+  ``h_img``, exactly the stock one. The 16-byte ViT-cache key is derived from it.
+* a pruned item's vLLM hash is ``hash(h_img, vitos_keep)``: vLLM's identifier stays per
+  (image, mask), so two masks never share encoder-cache rows or prefix-cache blocks, and two
+  requests with the same mask share both.
+
+What is sent for a pruned item that vLLM's processor cache does not already hold:
+
+* **pixel-less** (the cheap path): when the image's pixels are known to be on this engine, i.e.
+  a *carrier* item of the image (the unpruned item ``h_img``, or the first pruned item that
+  carried pixels) is still in vLLM's *sender* cache (``mm_processor_cache_type`` ``lru`` or
+  ``shm``, whose contents mirror the engine's): an item of ``image_grid_thw``, the mask (one
+  bool per cell) and the image key, 0.4-1.3 KB at 324-1,225 visual tokens instead of the pixels'
+  1.5-23 MB. No image-processor call, no pixel transfer. The grid comes from the
+  carrier (a small bounded map ``h_img -> (grid, carrier hash)``; env ``VITOS_CARRIERS``).
+* **with pixels** (the fallback, and what vLLM does for every new item): the image processor runs
+  and the pixels travel; this item becomes the image's carrier. Used for the first sight of an
+  image on this engine, when the carrier left vLLM's cache, with ``mm_processor_cache_gb: 0`` or
+  ``processor_only`` (several engines behind one front end: it cannot know which holds what),
+  and always with ``VITOS_PIXELLESS=0``.
+
+The pad count is always that of the current mask (vLLM's cache stores resolved prompt updates
+per hash, and the hash is per mask). The model serves a pixel-less item from its ViT cache, or
+recomputes the features from the image's preprocessed pixels that it keeps from the carrier
+(after a weight update; a bounded LRU, ``VITOS_PIXEL_CACHE_MB``, default the engine's
+``mm_processor_cache_gb`` in the ViT's dtype, so at least as many images as vLLM's cache counts
+in float32 pixels); holding neither is a :class:`RuntimeError` naming the image, never silent
+wrong rows (it stops the engine: raise ``VITOS_PIXEL_CACHE_MB`` or set ``VITOS_PIXELLESS=0``).
+
+Freshness: the ViT cache never outlives the weights it was computed with. Every
+``load_weights`` call empties it (verl's weight sync streams the policy in through it in
+chunks), and so does every ``reset_encoder_cache`` of the model runner (vLLM's
 ``reload_weights``; verl's post-sync ``clear_kv_cache``, hybrid sleep and request aborts).
+``reset_mm_cache`` (verl's post-sync ``clear_kv_cache`` too) empties vLLM's processor caches,
+this front end's carrier map and the model's kept pixels together.
+
+Counters a trainer can log: :func:`vit_cache_stats` (model side, the ViT-cache hit rate) and
+:func:`front_end_stats` (requests sent pixel-less / with pixels / served by vLLM's cache).
 
 Select it without touching the checkpoint:
 ``LLM(model, hf_overrides={"architectures": [ARCH]})`` once the plugin is registered
@@ -32,12 +68,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers import BatchFeature
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -45,8 +84,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.cache import MultiModalProcessorSenderCache, ShmObjectStoreSenderCache
+from vllm.multimodal.hasher import MultiModalHasher
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing.inputs import ProcessorInputs
+from vllm.multimodal.processing.processor import MultiModalProcessingInfo
 
 from vitos_verl.pruning import MERGE_SIZE, decode_keep_mask, mrope_position_ids
 
@@ -54,16 +97,36 @@ ARCH = "ViToSQwen2_5_VLForConditionalGeneration"
 KEEP_KWARG = "vitos_keep"
 MASK_FIELD = "vitos_keep_mask"
 KEY_FIELD = "vitos_image_key"
+KEY_BYTES = 16
 VIT_CACHE_ITEMS = int(os.environ.get("VITOS_VIT_CACHE_ITEMS", "256"))
 VIT_CACHE_BYTES = int(float(os.environ.get("VITOS_VIT_CACHE_MB", "1024")) * (1 << 20))
+CARRIERS = int(os.environ.get("VITOS_CARRIERS", "65536"))
+RPC_STATS = "vitos_vit_cache_stats"  # worker method name for collective_rpc (see _patch_runner_resets)
+# vLLM 0.24.0 renderers/base.py `_process_mm_uuids`: with mm_processor_cache_gb == 0 and prefix
+# caching off it replaces every uuid by "<mm_req_id>-<modality>-<index>", one per request.
+_PER_REQUEST_UUID = re.compile(r"^renderer\d+-mm-\d+-image-\d+$")
+_SENDER_CACHES = (MultiModalProcessorSenderCache, ShmObjectStoreSenderCache)
 
 
 def _strip(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if not k.startswith("vitos_")}
 
 
-def clear_vit_cache_on_encoder_reset() -> None:
-    """Make vLLM's ``reset_encoder_cache`` also empty this model's ViT cache (idempotent).
+def _pixelless_enabled() -> bool:
+    return os.environ.get("VITOS_PIXELLESS", "1") != "0"
+
+
+def image_key(h_img: str) -> torch.Tensor:
+    """The ViT-cache key of an image: ``KEY_BYTES`` bytes (uint8 ``(16,)``) of its hash string.
+
+    ``h_img`` is vLLM's item hash of the image (a hex digest) or a client uuid; this hashes that
+    short string (blake2b, microseconds), never pixels.
+    """
+    return torch.frombuffer(bytearray(hashlib.blake2b(h_img.encode(), digest_size=KEY_BYTES).digest()), dtype=torch.uint8)
+
+
+def _patch_runner_resets() -> None:
+    """Make the model runner's cache resets also empty this model's caches (idempotent).
 
     vLLM 0.24.0 resets a model runner's encoder cache (``GPUModelRunner.reset_encoder_cache``,
     ``vllm/v1/worker/gpu_model_runner.py``, inherited by the CPU runner, and the V2 runner's in
@@ -71,36 +134,45 @@ def clear_vit_cache_on_encoder_reset() -> None:
     ``reload_weights`` (whose kernel-format branch copies weights without ``load_weights``) and
     from ``EngineCore.reset_encoder_cache``, which verl 0.9.1 calls after every weight sync
     (``vLLMHttpServer.clear_kv_cache`` in ``vllm_async_server.py``), after a hybrid sleep and when
-    it aborts requests. Wrapping it covers weight changes that bypass ``load_weights`` (a LoRA
-    adapter on the tower, added by ``add_lora``) and frees the cache while the rollout sleeps.
-    Patches the runner classes already imported (the one building this model is), no others.
+    it aborts requests: wrapped, it also empties the ViT cache (``clear_vit_cache``), which covers
+    weight changes that bypass ``load_weights`` (a LoRA adapter on the tower) and frees the
+    features while the rollout sleeps. ``GPUModelRunner.reset_mm_cache`` (reached from
+    ``EngineCore.reset_mm_cache``, i.e. ``LLM.reset_mm_cache`` / verl's ``clear_kv_cache``, when
+    vLLM's processor caches are emptied) also drops the kept pixels (``clear_vit_pixels``): the
+    front end forgets its carriers at the same moment. Patches the runner classes already
+    imported (the one building this model is), no others. Also gives vLLM's ``Worker``
+    (``vllm/v1/worker/gpu_worker.py``, the CPU worker's base) a method :data:`RPC_STATS`, so an
+    engine's ``collective_rpc("vitos_vit_cache_stats")`` returns :func:`vit_cache_stats` per worker.
     """
+    hooks = {"reset_encoder_cache": "clear_vit_cache", "reset_mm_cache": "clear_vit_pixels"}
     for name in ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner"):
         runner_cls = getattr(sys.modules.get(name), "GPUModelRunner", None)
-        if runner_cls is None or getattr(runner_cls.reset_encoder_cache, "_vitos", False):
+        if runner_cls is None:
             continue
-        orig = runner_cls.reset_encoder_cache
+        for method, clear_name in hooks.items():
+            orig = getattr(runner_cls, method, None)
+            if orig is None or getattr(orig, "_vitos", False):
+                continue
 
-        def reset_encoder_cache(self, _orig=orig) -> None:
-            _orig(self)
-            try:
-                model = self.get_model()
-            except (AttributeError, ValueError):  # no model loaded yet
-                return
-            clear = getattr(model, "clear_vit_cache", None)
-            if clear is not None:
-                clear()
+            def reset(self, _orig=orig, _clear=clear_name) -> None:
+                _orig(self)
+                try:
+                    model = self.get_model()
+                except (AttributeError, ValueError):  # no model loaded yet
+                    return
+                clear = getattr(model, _clear, None)
+                if clear is not None:
+                    clear()
 
-        reset_encoder_cache._vitos = True
-        runner_cls.reset_encoder_cache = reset_encoder_cache
+            reset._vitos = True
+            reset.__name__ = method
+            setattr(runner_cls, method, reset)
+    worker_cls = getattr(sys.modules.get("vllm.v1.worker.gpu_worker"), "Worker", None)
+    if worker_cls is not None and not hasattr(worker_cls, RPC_STATS):
+        setattr(worker_cls, RPC_STATS, worker_vit_cache_stats)  # collective_rpc by name: no pickled callable
 
 
-def _image_key(pixel_values: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """16-byte content key of one image's preprocessed pixels and grid (uint8 ``(16,)``)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(tuple(int(v) for v in grid)).encode())
-    h.update(pixel_values.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+clear_vit_cache_on_encoder_reset = _patch_runner_resets  # the name this module used before
 
 
 class ViToSProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -109,43 +181,95 @@ class ViToSProcessingInfo(Qwen2_5_VLProcessingInfo):
 
 
 class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    """Emits ``K`` image tokens for a pruned image and attaches its keep mask and image key."""
+    """Emits ``K`` image tokens for a pruned image; sends a pruned item without pixels when it can.
 
+    Counters (``front_end_stats``): ``requests`` (image requests through this path),
+    ``pruned``, ``pixelless`` (pruned items sent without pixels), ``with_pixels`` (items whose
+    image the image processor ran on: unpruned new items and the pruned fallback),
+    ``cached`` (items vLLM's processor cache already held), ``hf_calls`` (image-processor calls).
+    """
+
+    def __init__(self, info, dummy_inputs, *, cache=None) -> None:
+        """vLLM 0.24.0's constructor (``MultiModalRegistry.create_processor`` builds one per cache,
+        ``vllm/multimodal/registry.py``), plus the carrier map. ``cache.clear_cache`` is wrapped to
+        forget the carriers too: vLLM's ``reset_mm_cache`` reaches it through
+        ``BaseRenderer.clear_mm_cache`` (``vllm/renderers/base.py``)."""
+        super().__init__(info, dummy_inputs, cache=cache)
+        self._carriers: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
+        self._carriers_lock = threading.Lock()
+        self.stats = dict.fromkeys(("requests", "pruned", "pixelless", "with_pixels", "cached", "hf_calls"), 0)
+        self._image_token: int | None = None
+        if cache is not None:  # vLLM's reset_mm_cache empties the sender cache: forget the carriers too
+            orig_clear = cache.clear_cache
+
+            def clear_cache() -> None:
+                orig_clear()
+                self.clear_carriers()
+
+            cache.clear_cache = clear_cache
+
+    # -- the carrier map: which images have their pixels on this engine --------------------
+    def clear_carriers(self) -> None:
+        """Forget every carrier (called with vLLM's ``reset_mm_cache`` of this front end)."""
+        with self._carriers_lock:
+            self._carriers.clear()
+
+    def _remember_carrier(self, h_img: str, grid: Sequence[int], carrier_hash: str) -> None:
+        with self._carriers_lock:
+            self._carriers[h_img] = (tuple(int(v) for v in grid), carrier_hash)
+            self._carriers.move_to_end(h_img)
+            while len(self._carriers) > CARRIERS:
+                self._carriers.popitem(last=False)
+
+    def _carrier_grid(self, h_img: str) -> tuple[int, int, int] | None:
+        """The grid of ``h_img`` if its pixels are on this engine (its carrier is in the sender cache)."""
+        cache = self.cache
+        if not _pixelless_enabled() or not isinstance(cache, _SENDER_CACHES):
+            return None
+        with self._carriers_lock:
+            entry = self._carriers.get(h_img)
+        if entry is None:
+            return None
+        grid, carrier_hash = entry
+        # is_cached_item does not touch the LRU order: the engine's receiver cache stays mirrored
+        return grid if cache.is_cached_item(carrier_hash) else None
+
+    # -- hashing -------------------------------------------------------------------------
+    def _image_hashes(self, inputs: ProcessorInputs, kwargs: Mapping[str, object]) -> tuple[list[str], list[str]]:
+        """``(h_img, key_src)`` per image: vLLM's item hash without ``vitos_*`` kwargs, and what the
+        ViT-cache key is derived from (``h_img``, except for the per-request uuids vLLM 0.24.0
+        invents when both its caches are off: then the content hash, so the grounding and the
+        reasoning pass of one image still share one ViT pass)."""
+        stock = ProcessorInputs(inputs.prompt, inputs.mm_data_items, inputs.mm_uuid_items, hf_processor_mm_kwargs=kwargs)
+        h_img = stock.get_mm_hashes(self.info.model_id)["image"]
+        uuids = (inputs.mm_uuid_items or {}).get("image")
+        if uuids is None or not any(isinstance(u, str) and _PER_REQUEST_UUID.match(u) for u in uuids):
+            return h_img, h_img
+        content = ProcessorInputs(inputs.prompt, inputs.mm_data_items, None, hf_processor_mm_kwargs=kwargs)
+        return h_img, content.get_mm_hashes(self.info.model_id)["image"]
+
+    def _pruned_hash(self, h_img: str, spec: str) -> str:
+        return MultiModalHasher.hash_kwargs(model_id=self.info.model_id, image=h_img, **{KEEP_KWARG: spec})
+
+    # -- vLLM hooks ------------------------------------------------------------------------
     def _call_hf_processor(self, prompt, mm_data, mm_kwargs, tok_kwargs):
-        out = super()._call_hf_processor(prompt, mm_data, _strip(mm_kwargs), tok_kwargs)
-        grid = out.get("image_grid_thw")
-        if grid is None or len(grid) == 0:
-            return out
-        cells = (grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
-        spec = mm_kwargs.get(KEEP_KWARG)
-        masks = [torch.ones(n, dtype=torch.bool) for n in cells]
-        if spec is not None:
-            if len(cells) != 1:
-                raise ValueError(f"{KEEP_KWARG} prunes one image per request; this request has {len(cells)}")
-            mask = decode_keep_mask(spec)
-            rows, cols = int(grid[0][1]) // MERGE_SIZE, int(grid[0][2]) // MERGE_SIZE
-            if tuple(mask.shape) != (rows, cols):
-                raise ValueError(
-                    f"keep mask grid {tuple(mask.shape)} != the processor's cell grid {(rows, cols)} for this image: "
-                    "the client and vLLM resized the image differently (check min/max pixels)"
-                )
-            masks = [mask.flatten()]
-        out[MASK_FIELD] = torch.cat(masks)
-        pix = out["pixel_values"].split((grid.prod(-1)).tolist())
-        out[KEY_FIELD] = torch.stack([_image_key(p, g.tolist()) for p, g in zip(pix, grid)])
-        return out
+        if mm_data.get("images"):
+            self.stats["hf_calls"] += 1
+        return super()._call_hf_processor(prompt, mm_data, _strip(mm_kwargs), tok_kwargs)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         if MASK_FIELD in hf_inputs:
             grid = hf_inputs["image_grid_thw"]
             config[MASK_FIELD] = MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE))
-            config[KEY_FIELD] = MultiModalFieldConfig.batched("image")
+            config[KEY_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = list(super()._get_prompt_updates(mm_items, _strip(hf_processor_mm_kwargs), out_mm_kwargs))
-        image_token = self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor().image_token]
+        if self._image_token is None:
+            self._image_token = self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor().image_token]
+        image_token = self._image_token
 
         def kept(item_idx: int) -> list[int]:
             item = out_mm_kwargs["image"][item_idx]
@@ -161,6 +285,178 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             for u in updates
         ]
 
+    def _cached_apply_hf_processor(self, inputs: ProcessorInputs, timing_ctx) -> tuple[list[int], MultiModalProcessingInfo, bool]:
+        """vLLM 0.24.0 ``BaseMultiModalProcessor._cached_apply_hf_processor``
+        (``vllm/multimodal/processing/processor.py``) for image-only requests, hashing and
+        processing each image once (see the module docstring). It reuses that file's
+        ``_apply_hf_processor_text_only`` / ``_tokens_only`` / ``_mm_only``,
+        ``_get_mm_prompt_updates`` and ``_merge_mm_kwargs`` (which stores new items in vLLM's
+        processor cache and returns the cached ones' resolved prompt updates), and
+        ``ProcessorInputs.get_mm_hashes`` (``vllm/multimodal/processing/inputs.py``) for ``h_img``.
+
+        Returns what the parent returns: the prompt's token ids before prompt updates (``list[int]``),
+        the items / hashes / resolved prompt updates, and ``False`` (updates not applied yet).
+        Requests with other modalities or image embeddings take the parent's path (they cannot be
+        pruned). Items get ``vitos_keep_mask`` (bool, one entry per cell) and ``vitos_image_key``
+        (uint8 ``(16,)``); a pixel-less item has no ``pixel_values``.
+
+        Raises:
+            ValueError: ``vitos_keep`` on a request with more than one image, with embeddings or
+                another modality; a malformed mask; a mask whose grid is not the image's cell grid;
+                a uuid-only image (no data) that neither vLLM's cache nor this engine holds.
+        """
+        items = inputs.mm_data_items
+        spec = inputs.hf_processor_mm_kwargs.get(KEEP_KWARG)
+        _, passthrough = self._get_hf_mm_data(items)
+        counts = {m: c for m, c in items.get_all_counts().items() if c > 0}
+        if passthrough or set(counts) != {"image"}:
+            if spec is not None:
+                raise ValueError(f"{KEEP_KWARG} prunes the pixels of exactly one image; this request has {counts or 'none'}"
+                                 + (" given as embeddings" if passthrough else ""))
+            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+        n = counts["image"]
+        if spec is not None and n != 1:
+            raise ValueError(f"{KEEP_KWARG} prunes one image per request; this request has {n}")
+        kwargs = _strip(inputs.hf_processor_mm_kwargs)
+        self.stats["requests"] += 1
+        self.stats["pruned"] += spec is not None
+
+        with timing_ctx.record("get_mm_hashes"):
+            h_img, key_src = self._image_hashes(inputs, kwargs)
+            item_hashes = [self._pruned_hash(h_img[0], spec)] if spec is not None else list(h_img)
+
+        cache = self.cache
+        is_cached = cache.is_cached(item_hashes) if cache is not None else [False] * n
+        self.stats["cached"] += sum(is_cached)
+        pixelless_grid = [None if is_cached[i] or spec is None else self._carrier_grid(h_img[i]) for i in range(n)]
+        to_process = [i for i in range(n) if not is_cached[i] and pixelless_grid[i] is None]
+        new = [i for i in range(n) if not is_cached[i]]
+        mask = decode_keep_mask(spec) if spec is not None and new else None  # a cached item was checked already
+
+        with timing_ctx.record("apply_hf_processor"):
+            if isinstance(inputs.prompt, str):
+                prompt_ids = self._apply_hf_processor_text_only(inputs.prompt, inputs.tokenization_kwargs)
+            else:
+                prompt_ids = self._apply_hf_processor_tokens_only(inputs.prompt)
+            processed = None
+            if to_process:
+                data = [items["image"].get(i) for i in to_process]
+                if any(d is None for d in data):
+                    raise ValueError(
+                        "an image given by uuid only (no data) is neither in vLLM's processor cache nor on this engine"
+                    )
+                processed = self._apply_hf_processor_mm_only(
+                    self.info.parse_mm_data({"image": data}, validate=False), kwargs, inputs.tokenization_kwargs
+                )
+                self.stats["with_pixels"] += len(to_process)
+
+        # the new items, in request order: processed ones (pixels) and pixel-less ones
+        new_items, grids = {}, {}
+        if processed is not None:
+            grid = processed["image_grid_thw"]
+            cells = (grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
+            masks = [torch.ones(c, dtype=torch.bool) for c in cells]
+            if mask is not None:
+                _check_mask(mask, grid[0].tolist())
+                masks = [mask.flatten()]
+            processed[MASK_FIELD] = torch.cat(masks)
+            processed[KEY_FIELD] = torch.stack([image_key(key_src[i]) for i in to_process])
+            built = MultiModalKwargsItems.from_hf_inputs(processed, self._get_mm_fields_config(processed, kwargs))["image"]
+            for j, i in enumerate(to_process):
+                new_items[i], grids[i] = built[j], grid[j].tolist()
+        for i in new:
+            if i in new_items:
+                continue
+            grid = pixelless_grid[i]
+            _check_mask(mask, grid)
+            bf = BatchFeature({
+                "image_grid_thw": torch.tensor([grid]),
+                MASK_FIELD: mask.flatten(),
+                KEY_FIELD: image_key(key_src[i]).unsqueeze(0),
+            })
+            new_items[i] = MultiModalKwargsItems.from_hf_inputs(bf, self._get_mm_fields_config(bf, kwargs))["image"][0]
+            self.stats["pixelless"] += 1
+        new_kwargs = MultiModalKwargsItems({"image": [new_items[i] for i in new]} if new else {})
+        new_updates = self._get_mm_prompt_updates(
+            self.info.parse_mm_data({"image": [items["image"].get(i) for i in new]}, validate=False) if new
+            else self.info.parse_mm_data({}, validate=False),
+            kwargs,
+            new_kwargs,
+        )
+
+        if cache is None:
+            mm_kwargs, mm_prompt_updates = new_kwargs, new_updates
+        else:
+            with timing_ctx.record("merge_mm_kwargs"):
+                mm_kwargs, mm_prompt_updates = self._merge_mm_kwargs(
+                    cache,
+                    mm_hashes={"image": item_hashes},
+                    mm_is_cached={"image": is_cached},
+                    mm_missing_kwargs=new_kwargs,
+                    mm_missing_prompt_updates=new_updates,
+                )
+        for i in to_process:  # these items carried the pixels to the engine, under item_hashes[i]
+            self._remember_carrier(h_img[i], grids[i], item_hashes[i])
+        return prompt_ids, MultiModalProcessingInfo(mm_kwargs, {"image": item_hashes}, mm_prompt_updates), False
+
+
+def _check_mask(mask: torch.Tensor, grid: Sequence[int]) -> None:
+    rows, cols = int(grid[1]) // MERGE_SIZE, int(grid[2]) // MERGE_SIZE
+    if tuple(mask.shape) != (rows, cols):
+        raise ValueError(
+            f"keep mask grid {tuple(mask.shape)} != the processor's cell grid {(rows, cols)} for this image: "
+            "the client and vLLM resized the image differently (check min/max pixels)"
+        )
+
+
+def front_end_stats(llm) -> dict[str, int]:
+    """This package's front-end counters of a ``vllm.LLM`` (in-process processor; see
+    :class:`ViToSMultiModalProcessor`): ``dict[str, int]``, cumulative since the engine started."""
+    processor = llm.llm_engine.renderer.get_mm_processor()
+    return dict(getattr(processor, "stats", {}))
+
+
+def vit_cache_stats(model) -> dict[str, float]:
+    """ViT-cache counters of one model instance (cumulative), for a trainer's metrics.
+
+    ``hits`` (image items served from cached features), ``misses`` (ViT passes, one per image
+    encoded), ``recomputes`` (of those, pixel-less items re-encoded from kept pixels, e.g. after a
+    weight update), ``pixelless`` (items that arrived without pixels), ``clears`` (ViT-cache
+    invalidations), ``hit_rate`` = hits / (hits + misses) (0.0 before any image). Use
+    ``llm.apply_model(vit_cache_stats)`` in-process, or ``collective_rpc("vitos_vit_cache_stats")``
+    on any engine (verl's ``vLLMHttpServer`` engine: ``await server.engine.collective_rpc(...)``,
+    one dict per worker; a method name, so no ``VLLM_ALLOW_INSECURE_SERIALIZATION``).
+    """
+    hits, misses = int(getattr(model, "vit_cache_hits", 0)), int(getattr(model, "vit_cache_misses", 0))
+    return {
+        "hits": hits,
+        "misses": misses,
+        "recomputes": int(getattr(model, "vit_cache_recomputes", 0)),
+        "pixelless": int(getattr(model, "vit_pixelless_items", 0)),
+        "clears": int(getattr(model, "vit_cache_clears", 0)),
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+    }
+
+
+def worker_vit_cache_stats(worker) -> dict[str, float]:
+    """:func:`vit_cache_stats` of a vLLM worker's model (pass to ``collective_rpc``)."""
+    return vit_cache_stats(worker.get_model())
+
+
+def _default_pixel_bytes(vllm_config) -> int:
+    """Bytes of preprocessed pixels the model keeps: ``VITOS_PIXEL_CACHE_MB``, else the engine's
+    ``mm_processor_cache_gb`` when the front end can send pixel-less items (a sender cache:
+    vLLM 0.24.0 ``MultiModalRegistry._get_cache_type``, ``vllm/multimodal/registry.py``), else 0."""
+    env = os.environ.get("VITOS_PIXEL_CACHE_MB")
+    if env is not None:
+        return int(float(env) * (1 << 20))
+    try:
+        cache_type = MULTIMODAL_REGISTRY._get_cache_type(vllm_config)
+        gb = vllm_config.model_config.get_multimodal_config().mm_processor_cache_gb
+    except Exception:  # noqa: BLE001 - an unknown config layout: keep pixels as with the default cache
+        return 4 << 30
+    return int(gb * (1 << 30)) if cache_type in ("lru", "shm") else 0
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     ViToSMultiModalProcessor, info=ViToSProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
@@ -169,27 +465,46 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     """Qwen2.5-VL whose image items may be pruned to the cells of a keep mask.
 
     ViT cache knobs, per instance: ``vit_cache_max_items`` / ``vit_cache_max_bytes`` (its LRU
-    bounds, from ``VITOS_VIT_CACHE_ITEMS`` / ``VITOS_VIT_CACHE_MB``) and the counters
-    ``vit_cache_hits``, ``vit_cache_misses`` (images encoded) and ``vit_cache_clears``.
+    bounds, from ``VITOS_VIT_CACHE_ITEMS`` / ``VITOS_VIT_CACHE_MB``), ``vit_pixels_max_bytes``
+    (the kept pixels' LRU bound); counters ``vit_cache_hits``, ``vit_cache_misses`` (images
+    encoded), ``vit_cache_recomputes``, ``vit_pixelless_items``, ``vit_cache_clears``
+    (:func:`vit_cache_stats`).
     """
 
     def __init__(self, *, vllm_config, prefix: str = ""):
+        """Raises ``ValueError`` with ``compilation_config.cudagraph_mm_encoder``: vLLM 0.24.0's
+        encoder CUDA graphs (``GPUModelRunner._execute_mm_encoder``,
+        ``vllm/v1/worker/gpu_model_runner.py``) run the ViT without ``embed_multimodal``, so
+        pruned items would get every row of the image (and pixel-less ones none)."""
+        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+            raise ValueError(f"{ARCH} needs embed_multimodal: turn compilation_config.cudagraph_mm_encoder off")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vit_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._vit_cache_bytes = 0
+        self._vit_pixels: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # CPU, the ViT's dtype
+        self._vit_pixels_bytes = 0
         self.vit_cache_max_items = VIT_CACHE_ITEMS
         self.vit_cache_max_bytes = VIT_CACHE_BYTES
+        self.vit_pixels_max_bytes = _default_pixel_bytes(vllm_config)
         self.vit_cache_hits = 0
         self.vit_cache_misses = 0
+        self.vit_cache_recomputes = 0
+        self.vit_pixelless_items = 0
         self.vit_cache_clears = 0
-        clear_vit_cache_on_encoder_reset()
+        _patch_runner_resets()
 
     # -- weights: features computed with old weights never outlive them ---------------------
     def clear_vit_cache(self) -> None:
-        """Drop every cached vision-encoder output (counted in ``vit_cache_clears``)."""
+        """Drop every cached vision-encoder output (counted in ``vit_cache_clears``); kept pixels stay."""
         self._vit_cache.clear()
         self._vit_cache_bytes = 0
         self.vit_cache_clears += 1
+
+    def clear_vit_pixels(self) -> None:
+        """Drop the kept preprocessed pixels (with vLLM's ``reset_mm_cache``: the front end forgets
+        its carriers at the same time, so no pixel-less item refers to them)."""
+        self._vit_pixels.clear()
+        self._vit_pixels_bytes = 0
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM 0.24.0's Qwen2.5-VL ``load_weights``, then empty the ViT cache.
@@ -206,17 +521,59 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         finally:
             self.clear_vit_cache()
 
-    # -- vision: one ViT pass per image, whatever the box --------------------------------
-    def _full_image_embeds(self, pixel_values: torch.Tensor, grid: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
-        pix = pixel_values.split(grid.prod(-1).tolist())
+    # -- vision: one ViT pass per image, whatever the mask ---------------------------------
+    def _keep_pixels(self, key: bytes, pix: torch.Tensor) -> None:
+        if self.vit_pixels_max_bytes <= 0:
+            return
+        if key in self._vit_pixels:
+            self._vit_pixels.move_to_end(key)
+            return
+        p = pix.detach().to("cpu", self.visual.dtype)
+        p = p.clone() if p.data_ptr() == pix.data_ptr() else p  # own storage, not a view of the batch
+        self._vit_pixels[key] = p
+        self._vit_pixels_bytes += p.numel() * p.element_size()
+        while self._vit_pixels and self._vit_pixels_bytes > self.vit_pixels_max_bytes:
+            _, old = self._vit_pixels.popitem(last=False)
+            self._vit_pixels_bytes -= old.numel() * old.element_size()
+
+    def _full_image_embeds(self, pixel_values: torch.Tensor | None, grid: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
+        """Full-image ViT features per item (``(cells, hidden)`` each), from the cache or computed.
+
+        ``pixel_values``: the batch's patches ``(sum(t*h*w), C*T*P*P)``, or ``None`` for a batch of
+        pixel-less items; ``grid``: ``(n, 3)`` long on CPU; ``keys``: ``(n, 16)`` uint8.
+
+        Raises:
+            RuntimeError: a pixel-less item whose image has neither cached features nor kept pixels.
+        """
         kb = [bytes(k.to("cpu").tolist()) for k in keys]
+        pix = pixel_values.split(grid.prod(-1).tolist()) if pixel_values is not None else None
+        if pix is None:
+            self.vit_pixelless_items += len(kb)
         first = {k: i for i, k in reversed(list(enumerate(kb)))}  # one ViT pass per distinct image in the batch
+        if pix is not None:
+            for k, i in first.items():
+                self._keep_pixels(k, pix[i])
         missing = sorted(i for k, i in first.items() if k not in self._vit_cache)
         self.vit_cache_hits += len(kb) - len(missing)
         self.vit_cache_misses += len(missing)
         if missing:
+            if pix is not None:
+                src = [pix[i] for i in missing]
+            else:
+                lost = [kb[i].hex() for i in missing if kb[i] not in self._vit_pixels]
+                if lost:
+                    raise RuntimeError(
+                        f"pixel-less pruned image item(s) {lost}: this engine holds neither the image's features nor its "
+                        "pixels (evicted, or cleared without the front end's reset_mm_cache). Raise VITOS_PIXEL_CACHE_MB, "
+                        "or set VITOS_PIXELLESS=0 to always send pixels"
+                    )
+                dev = next(self.visual.parameters()).device
+                src = [self._vit_pixels[kb[i]].to(dev) for i in missing]
+                for i in missing:
+                    self._vit_pixels.move_to_end(kb[i])
+                self.vit_cache_recomputes += len(missing)
             sub_grid = grid[missing]
-            feats = self.visual(torch.cat([pix[i] for i in missing]), grid_thw=sub_grid.tolist())
+            feats = self.visual(torch.cat(src).type(self.visual.dtype), grid_thw=sub_grid.tolist())
             sizes = (sub_grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
             for i, f in zip(missing, feats.split(sizes)):
                 f = f.clone() if len(missing) > 1 else f  # own storage: eviction frees it
@@ -234,23 +591,23 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         return out
 
     def embed_multimodal(self, **kwargs: object):
+        """Image items with a keep mask: the kept rows of the full image's (cached) ViT output, one
+        ``(K, hidden)`` tensor per item; anything else: the parent's ``embed_multimodal``."""
         masks = kwargs.pop(MASK_FIELD, None)
         keys = kwargs.pop(KEY_FIELD, None)
-        if masks is None or kwargs.get("pixel_values") is None:
+        if masks is None:
             return super().embed_multimodal(**kwargs)
         grid = kwargs["image_grid_thw"]
         grid = torch.stack(list(grid)) if isinstance(grid, (list, tuple)) else grid
-        pixel_values = kwargs["pixel_values"]
+        grid = grid.to("cpu").long()
+        pixel_values = kwargs.get("pixel_values")
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.cat(list(pixel_values))
         masks = torch.cat(list(masks)) if isinstance(masks, (list, tuple)) else masks
         keys = torch.stack(list(keys)) if isinstance(keys, (list, tuple)) else keys
-        full = self._full_image_embeds(pixel_values.type(self.visual.dtype), grid.to("cpu").long(), keys)
+        full = self._full_image_embeds(pixel_values, grid, keys)
         sizes = (grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
-        images = tuple(f[m.to(f.device).bool()] for f, m in zip(full, masks.split(sizes)))
-        video_kwargs = {k: v for k, v in kwargs.items() if "video" in k or k == "second_per_grid_ts"}
-        videos = tuple(super().embed_multimodal(**video_kwargs)) if video_kwargs.get("pixel_values_videos") is not None else ()
-        return images + videos
+        return tuple(f[m.to(f.device).bool()] for f, m in zip(full, masks.split(sizes)))
 
     # -- positions: original (t, h, w) for kept tokens --------------------------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
