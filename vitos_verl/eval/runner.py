@@ -25,11 +25,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -535,8 +534,3 @@ class Evaluator:
             counts[str(benchmark)] = {m: self.run_method(str(benchmark), m, rows) for m in self.methods}
         return counts
 
-
-def iter_predictions(root: str | os.PathLike) -> Iterator[dict]:
-    """Every prediction line under ``<root>/predictions`` (unreadable lines skipped)."""
-    for path in sorted(Path(root, "predictions").glob("*/*/*.jsonl")):
-        yield from read_done([path]).values()
