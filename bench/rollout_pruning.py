@@ -151,7 +151,7 @@ def load_questions(parquet: Path, num: int, processor) -> list[dict]:
     from PIL import Image
 
     from vitos_verl.data.prompts import to_content_list
-    from vitos_verl.pruning import box_to_keep_mask, box_to_resized, image_geometry
+    from vitos_verl.pruning import KeepMask, box_to_resized, image_geometry
 
     ip = processor.image_processor
     out, seen = [], set()
@@ -170,7 +170,7 @@ def load_questions(parquet: Path, num: int, processor) -> list[dict]:
             "geom": geom,
             "grounding": to_content_list(row["prompt"]),
             "reasoning": to_content_list(row["reasoning_prompt"]),
-            "tight": box_to_keep_mask(box_to_resized(box, geom), geom.cell_grid, margin_cells=1),
+            "tight": KeepMask.from_box(box_to_resized(box, geom), geom.cell_grid, margin_cells=1),
         })
         if len(out) == num:
             return out
@@ -187,7 +187,7 @@ class Masks:
 
     def jittered(self, q: dict, ratio: float, count: int) -> list:
         """``count`` distinct masks: the GT box jittered by up to two cells, grown to ``ratio``."""
-        from vitos_verl.pruning import box_to_keep_mask, box_to_resized, encode_keep_mask
+        from vitos_verl.pruning import KeepMask, box_to_resized
 
         g = q["geom"]
         x1, y1, x2, y2 = box_to_resized(q["box"], g)
@@ -196,8 +196,8 @@ class Masks:
         while len(out) < count and tries < 200 * count:
             tries += 1
             dx, dy, grow = self.rng.uniform(-56, 56), self.rng.uniform(-56, 56), self.rng.uniform(0, 28)
-            m = box_to_keep_mask([x1 + dx - grow, y1 + dy - grow, x2 + dx + grow, y2 + dy + grow], g.cell_grid, 0, ratio)
-            key = encode_keep_mask(m)
+            m = KeepMask.from_box([x1 + dx - grow, y1 + dy - grow, x2 + dx + grow, y2 + dy + grow], g.cell_grid, 0, ratio)
+            key = m.encode()
             if key in mine or (key in used and tries < 100 * count):
                 continue
             self.repeats += key in used
@@ -210,16 +210,17 @@ class Masks:
         """``count`` fresh masks keeping every cell but one (``K = N - 1``)."""
         import torch
 
-        from vitos_verl.pruning import encode_keep_mask
+        from vitos_verl.pruning import KeepMask
 
         rows, cols = q["geom"].cell_grid
         used = self.used.setdefault(id(q), set())
         out = []
         for cell in self.rng.sample(range(rows * cols), rows * cols):
-            m = torch.ones(rows, cols, dtype=torch.bool)
-            m.view(-1)[cell] = False
-            if encode_keep_mask(m) not in used:
-                used.add(encode_keep_mask(m))
+            cells = torch.ones(rows, cols, dtype=torch.bool)
+            cells.view(-1)[cell] = False
+            m = KeepMask(cells)
+            if m.encode() not in used:
+                used.add(m.encode())
                 out.append(m)
             if len(out) == count:
                 break
@@ -262,11 +263,11 @@ class Bench:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def request(self, q: dict, stream: str, mask=None, image=None, nonce: str | None = None) -> dict:
-        from vitos_verl.pruning import encode_keep_mask
+        from vitos_verl.pruning import KEEP_KWARG
 
         r = {"prompt": self.text(q[stream], nonce), "multi_modal_data": {"image": image or q["image"]}}
         if mask is not None:
-            r["mm_processor_kwargs"] = {"vitos_keep": encode_keep_mask(mask)}
+            r["mm_processor_kwargs"] = {KEEP_KWARG: mask.request_value()}
         return r
 
     def reset(self) -> None:
@@ -332,7 +333,7 @@ def rollout_mode(b: Bench, qs: list[dict], masks: Masks) -> dict:
         reqs = []
         for q in qs:
             for m in masks.jittered(q, a.keep, n_g):
-                keep.append(float(m.float().mean()))
+                keep.append(m.ratio)
                 reqs.append(b.request(q, "reasoning", m))
         dt, info["reasoning"] = b.generate(reqs, n_r, A)
         t["reasoning"].append(dt)
@@ -416,7 +417,7 @@ def eval_mode(b: Bench, qs: list[dict]) -> dict:
             t["low"].append(time.perf_counter() - t0)
             info["low"] = {k: gi[k] + ri[k] for k in gi}
         print(f"  repeat {rep}: " + " ".join(f"{k}={v[-1]:.2f}s" for k, v in t.items()), flush=True)
-    keep = statistics.mean(float(q["tight"].float().mean()) for q in qs)
+    keep = statistics.mean(q["tight"].ratio for q in qs)
     base = _median(t["one"])
     print(f"eval: {len(qs)} questions, greedy, grounding {G} tokens, answers {A} tokens, tight GT box (mean keep {keep:.3f}), "
           f"{a.repeats} repeats (medians)")

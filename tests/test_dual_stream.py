@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from vitos_verl.pruning import (
+    KeepMask,
     box_to_keep_mask,
     box_to_resized,
-    decode_keep_mask,
-    encode_keep_mask,
     image_geometry,
     keep_ratio,
     mrope_position_ids,
@@ -81,7 +80,7 @@ def test_plan_reasoning_masks_from_gt_boxes(ds):
         if exp is None:  # unparseable: every token kept, no plugin kwarg
             assert keep == "" and ratio == 1.0
         else:
-            assert torch.equal(decode_keep_mask(keep), exp)
+            assert torch.equal(KeepMask.decode(keep).cells, exp)
             assert ratio == pytest.approx(keep_ratio(exp)) and ratio < 0.5
 
 
@@ -135,7 +134,7 @@ def test_agent_loop_worker_rebuilds_pruned_inputs(ds, tiny_ckpt):
     from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, AgentLoopWorker
     from verl.utils.tokenizer.tokenizer import hf_processor
 
-    from vitos_verl.rollout.actor_patch import KEEP_KEY
+    from vitos_verl.pruning import KEEP_FIELD as KEEP_KEY
     from vitos_verl.rollout.agent_loop import ViToSAgentLoopWorker
     from vitos_verl.rollout.pruned_inputs import prune_input_ids
 
@@ -155,7 +154,7 @@ def test_agent_loop_worker_rebuilds_pruned_inputs(ds, tiny_ckpt):
     response = tiny_processor.tokenizer.encode("<answer>yes</answer>")
     out = AgentLoopOutput(
         prompt_ids=pruned.tolist(), response_ids=response, response_mask=[1] * len(response),
-        multi_modal_data={"images": images}, mm_processor_kwargs={"vitos_keep": encode_keep_mask(mask)},
+        multi_modal_data={"images": images}, mm_processor_kwargs={"vitos_keep": KeepMask(mask).encode()},
         num_turns=2, metrics={},
     )
     ids = torch.tensor([pruned.tolist() + response])

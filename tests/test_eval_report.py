@@ -29,7 +29,7 @@ from PIL import Image
 
 from vitos_verl.data.schema import make_row
 from vitos_verl.eval import report
-from vitos_verl.pruning import box_to_keep_mask, box_to_resized, encode_keep_mask, image_geometry, keep_ratio
+from vitos_verl.pruning import KeepMask, box_to_keep_mask, box_to_resized, image_geometry, keep_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SLAKE = ROOT / "outputs" / "data" / "slake" / "test.parquet"
@@ -94,7 +94,7 @@ def eval_root(tmp_path_factory) -> Path:
         pred_text = SCRIPT if i == 0 else "yes"
         full.append(_record("M", "slake", "full", i, i < 4, i < 4, 2.0, row, prediction=pred_text))
         vitos.append(_record("M", "slake", "vitos", i, i < 5, i < 6, 1.0, row, keep=keep_ratio(mask),
-                             mask=encode_keep_mask(mask), box_r=box_r, box_o=ex["gt_boxes"][0], prediction=pred_text))
+                             mask=KeepMask(mask).encode(), box_r=box_r, box_o=ex["gt_boxes"][0], prediction=pred_text))
         rand.append(_record("M", "slake", "random", i, i < 3, i < 3, 1.0, row, keep=0.5))
     _write(pred / "slake" / "full.jsonl", full, ("{not json", "", "[1, 2]", json.dumps(full[1])))
     _write(pred / "slake" / "vitos.jsonl", vitos)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vitos_verl.eval.methods import center_mask, matched_count, random_mask, topk_mask
-from vitos_verl.pruning import box_to_keep_mask, box_to_resized, decode_keep_mask, image_geometry
+from vitos_verl.pruning import KeepMask, box_to_keep_mask, box_to_resized, image_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUNDING_TOKENS = 7  # a distinctive max_tokens marks the grounding pass for the scripted boxes
@@ -151,7 +151,7 @@ def test_pruned_prompts_drop_exactly_the_unkept_visual_tokens(evaluated):
             f = full[r["uid"]]
             assert r["visual_tokens"] == f["visual_tokens"]
             if r["keep_mask"] is not None:
-                mask = decode_keep_mask(r["keep_mask"])
+                mask = KeepMask.decode(r["keep_mask"]).cells
                 assert int(mask.sum()) == r["kept_tokens"] < r["visual_tokens"]
             assert r["prompt_tokens"] == f["prompt_tokens"] - (r["visual_tokens"] - r["kept_tokens"]), (m, r["uid"])
 
@@ -163,7 +163,7 @@ def test_vitos_keeps_the_cells_of_its_box_and_baselines_match_it(evaluated):
     geom = image_geometry(*first["image_size"], ev.min_pixels, ev.max_pixels)
     assert first["box_resized"] == [0.0, 0.0, 100.0, 300.0]
     expected = box_to_keep_mask(first["box_resized"], geom.cell_grid, 1)  # eval_cpu: margin_cells 1
-    assert torch.equal(decode_keep_mask(first["keep_mask"]), expected)
+    assert torch.equal(KeepMask.decode(first["keep_mask"]).cells, expected)
     assert first["iou"] is not None and 0.0 <= first["iou"] <= 1.0
     for r in vitos[1:]:  # no box / off the image: keep_all
         assert r["box_resized"] is None and r["keep_mask"] is None and r["keep_ratio"] == 1.0
@@ -189,7 +189,7 @@ def test_oracle_keeps_the_ground_truth_cells(evaluated, slake_slice):
         boxes = [box_to_resized(b, geom) for b in gt]
         union = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
         expected = box_to_keep_mask(union, geom.cell_grid, 1)
-        got = torch.ones_like(expected) if rec["keep_mask"] is None else decode_keep_mask(rec["keep_mask"])
+        got = torch.ones_like(expected) if rec["keep_mask"] is None else KeepMask.decode(rec["keep_mask"]).cells
         assert torch.equal(got, expected)
 
 
@@ -226,3 +226,44 @@ def test_bad_config_is_refused(tiny_ckpt, slake_slice, tmp_path):
         Evaluator(_cfg(tiny_ckpt, slake_slice, tmp_path, methods="[full,random]"))
     with pytest.raises(EvalError, match="model.path"):
         Evaluator(_cfg(tmp_path / "nothing", slake_slice, tmp_path))
+
+
+def test_eval_grounding_pass_at_low_resolution(tiny_ckpt, slake_test_parquet, tmp_path, monkeypatch):
+    """Low-resolution grounding (``vitos.grounding_max_pixels``, issue 11 item 3): the harness sends the image at the grounding budget, reads the box in that frame, and records
+    it (and the keep mask) in the answering pass's frame."""
+    from vitos_verl.eval.runner import Evaluator
+    from vitos_verl.pruning import map_box
+
+    LOW = 28 * 28 * 64  # the grounding budget; the tiny model's processor allows more
+    ev = Evaluator(_cfg(tiny_ckpt, slake_test_parquet, tmp_path, **{"vitos.grounding_max_pixels": LOW}))
+    assert ev.tag.endswith(f"-ground{LOW}px")  # its predictions go to their own folder
+    rows = [r for r in pq.read_table(slake_test_parquet).slice(0, 60).to_pylist() if r["extra_info"]["gt_boxes"]][:3]
+    items = [ev._item(r) for r in rows]
+    seen = []
+
+    def scripted(requests, max_tokens):
+        outs = []
+        for req, it in zip(requests, items):
+            image = req["multi_modal_data"]["image"]
+            seen.append(image.size)
+            low = image_geometry(*it.geom.orig_size, min(ev.min_pixels, LOW), LOW)
+            outs.append(_Out(_emitted_box(it.extra["gt_boxes"][0], low), low.num_tokens))
+        return outs, 0.01
+
+    monkeypatch.setattr(ev, "_generate", scripted)
+    recs = ev._ground(items)
+    for it, rec, size in zip(items, recs, seen):
+        low = image_geometry(*it.geom.orig_size, min(ev.min_pixels, LOW), LOW)
+        assert size == low.resized_size != it.geom.resized_size
+        emitted = [float(v) for v in _emitted_box(it.extra["gt_boxes"][0], low)[6:-7].strip("[]").split(",")]
+        assert rec["box_resized"] == pytest.approx(map_box(emitted, low, it.geom))
+        mask = KeepMask.decode(rec["keep_mask"])
+        assert mask.cell_grid == it.geom.cell_grid and rec["iou"] > 0.5 and rec["kept_tokens"] == mask.num_kept
+
+
+def _emitted_box(gt, low) -> str:
+    """A grounding output's box for ``gt``: integer pixels of the ``low`` frame, rounded outwards."""
+    import math
+
+    x1, y1, x2, y2 = box_to_resized(gt, low)
+    return f"<box>[{math.floor(x1)}, {math.floor(y1)}, {math.ceil(x2)}, {math.ceil(y2)}]</box>"

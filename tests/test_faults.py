@@ -146,7 +146,7 @@ def test_agent_loop_worker_turns_a_failed_sample_into_a_counted_placeholder(cfg,
     from verl import DataProto
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 
-    from vitos_verl.rollout.actor_patch import KEEP_KEY
+    from vitos_verl.pruning import KEEP_FIELD as KEEP_KEY
     from vitos_verl.rollout.agent_loop import AGENT_NAME, ViToSAgentLoopWorker
 
     loop = asyncio.new_event_loop()
@@ -297,9 +297,18 @@ def test_failed_answers_give_their_box_no_feedback():
     r_nt["acc"] = np.array([1.0, 0.0, 1.0, 1.0])  # answer 1 (box 0) failed: its 0 is no evidence
     r_nt[FAILED_KEY] = np.array([0, 1, 0, 0], dtype=object)
     r = DataProto.from_dict(tensors={"rm_scores": torch.zeros(4, T), "response_mask": torch.ones(4, T, dtype=torch.long)}, non_tensors=r_nt)
-    plan = SimpleNamespace(grounding_texts=["<box>[100, 100, 300, 300]</box>"] * 2, box_index=np.array([0, 0, 1, 1]))
+    from vitos_verl.pruning import image_geometry
+    from vitos_verl.trainer.config import ViToSConfig
+    from vitos_verl.trainer.dual_stream import plan_reasoning
+
+    geom = image_geometry(512, 512)
+    texts = ["<box>[100, 100, 300, 300]</box>", "<box>[0, 0, 100, 100]</box>"]
+    plan = plan_reasoning(texts, [list(geom.grid_thw)] * 2, [(512, 512)] * 2, [[]] * 2, ViToSConfig(n_r=2))
+    assert plan.box_index.tolist() == [0, 0, 1, 1]
     trainer._score_streams(g, r, plan)
     assert g.non_tensor_batch["feedback"].tolist() == [1.0, 1.0]  # 0.5 for box 0 if the failure counted
+    # the keep ratio charged is the planner's mask's, built once
+    assert g.non_tensor_batch["keep_ratio"].tolist() == [m.ratio for m in plan.keep_masks] and plan.keep_masks[0].ratio < 1
     assert g.non_tensor_batch["reward_timeout"].tolist() == [0.0, 0.0]
 
 
@@ -438,7 +447,8 @@ LOG = {log!r}
 def my_reward(data_source, solution_str, ground_truth, extra_info=None, bonus=0.0):
     stream = extra_info["stream"]
     with open(LOG, "a") as f:
-        f.write(json.dumps({{"stream": stream, "feedback_acc": extra_info.get("feedback_acc"), "bonus": bonus}}) + "\\n")
+        f.write(json.dumps({{"stream": stream, "feedback_acc": extra_info.get("feedback_acc"), "bonus": bonus,
+                            "keep_ratio": extra_info.get("keep_ratio")}}) + "\\n")
     if stream == "reasoning":
         return 0.75 + bonus  # a number: verl's score, and acc
     return {{"score": 0.25 + bonus, "iou": 0.5}}
@@ -510,7 +520,7 @@ def test_custom_reward_function_reaches_both_streams(cfg, rows, tmp_path):
         non_tensors={"data_source": batch.non_tensor_batch["data_source"], "reward_model": batch.non_tensor_batch["reward_model"],
                      "extra_info": with_stream([r_["extra_info"] for r_ in rows[:n]], "grounding")},
     )
-    plan = SimpleNamespace(grounding_texts=[REPLY] * n, box_index=np.arange(n))
+    plan = SimpleNamespace(grounding_texts=[REPLY] * n, box_index=np.arange(n), grounding_keep_ratios=lambda: np.full(n, 0.375))
     scores = trainer._score_streams(g, r, plan)
     assert scores["grounding"]["score"].tolist() == pytest.approx([0.26] * n)
     assert g.non_tensor_batch["iou"].tolist() == [0.5] * n and g.non_tensor_batch["reward_error"].tolist() == [0.0] * n
@@ -519,3 +529,4 @@ def test_custom_reward_function_reaches_both_streams(cfg, rows, tmp_path):
     assert [x["stream"] for x in calls].count("reasoning") == n and [x["stream"] for x in calls].count("grounding") == n
     assert all(x["bonus"] == 0.01 for x in calls)
     assert [x["feedback_acc"] for x in calls if x["stream"] == "grounding"] == pytest.approx([0.76] * n)  # the answers' acc
+    assert [x["keep_ratio"] for x in calls if x["stream"] == "grounding"] == [0.375] * n  # the plan's, not rebuilt

@@ -12,9 +12,8 @@ from PIL import Image
 
 from vitos_verl.pruning import (
     CELL,
+    KeepMask,
     box_to_keep_mask,
-    decode_keep_mask,
-    encode_keep_mask,
     geometry_from_grid,
     image_geometry,
     kept_token_indices,
@@ -99,8 +98,8 @@ def test_keep_mask_text_key_shares_equal_masks():
     a = box_to_keep_mask([30, 30, 50, 50], (10, 10))
     b = box_to_keep_mask([29, 29, 55, 55], (10, 10))  # same cell, other box
     c = box_to_keep_mask([30, 30, 80, 50], (10, 10))
-    assert encode_keep_mask(a) == encode_keep_mask(b) != encode_keep_mask(c)
-    assert torch.equal(decode_keep_mask(encode_keep_mask(c)), c)
+    assert KeepMask(a).encode() == KeepMask(b).encode() != KeepMask(c).encode()
+    assert torch.equal(KeepMask.decode(KeepMask(c).encode()).cells, c)
 
 
 def _hf_rope(model, input_ids, grid, attention_mask=None):

@@ -49,7 +49,7 @@ def test_single_node_recipes():
         assert cfg.actor_rollout_ref.model.path == model and cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == tp
         assert cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 4  # as the 2-node recipes
     assert _compose("lingshu7b").trainer.nnodes == 2
-    assert {f"ablation_{a}" for a in ("no_feedback", "joint_loss", "no_prune", "crop")} <= set(RL_RECIPES)
+    assert {f"ablation_{a}" for a in ("no_feedback", "joint_loss", "no_prune", "crop", "lowres_grounding")} <= set(RL_RECIPES)
 
 
 @pytest.mark.parametrize("name", RL_RECIPES)
@@ -107,7 +107,7 @@ def test_eval_recipe_composes(name, monkeypatch, tmp_path):
 def test_ablation_deltas():
     base = OmegaConf.to_container(_compose("lingshu7b").vitos)
     deltas = {"no_feedback": {"w_fb": 0.0}, "joint_loss": {"order": "joint"}, "no_prune": {"prune_mode": "none"},
-              "crop": {"prune_mode": "crop"}}
+              "crop": {"prune_mode": "crop"}, "lowres_grounding": {"grounding_max_pixels": 313600}}
     for name, delta in deltas.items():
         got = OmegaConf.to_container(_compose(f"ablation_{name}").vitos)
         assert {k: v for k, v in got.items() if base[k] != v} == delta, name
@@ -205,3 +205,18 @@ def test_slurm_script_dry_run(tmp_path):
     assert cmd.rstrip().endswith("bash launch/dualstream.sh check_files=false")
     printed = yaml.safe_load(out.stdout[out.stdout.index("actor_rollout_ref:"):])
     assert printed["trainer"]["nnodes"] == 3 and printed["trainer"]["n_gpus_per_node"] == 4
+
+
+def test_one_gpu_recipe(monkeypatch):
+    """gpu1_small: one GPU, the small random model by default, a checkpoint and a validation
+    before the last step; its command at its top and in the README."""
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    cfg = _compose("gpu1_small")
+    t = cfg.trainer
+    assert (t.nnodes, t.n_gpus_per_node, cfg.actor_rollout_ref.rollout.tensor_model_parallel_size) == (1, 1, 1)
+    assert str(cfg.actor_rollout_ref.model.path).endswith("/models/small-qwen2.5-vl")
+    assert 0 < t.save_freq < t.total_training_steps and 0 < t.test_freq < t.total_training_steps
+    assert t.total_training_steps % t.save_freq == 0 and "wandb" not in t.logger
+    head = (RECIPES / "gpu1_small.yaml").read_text().split("\nhydra:")[0]
+    assert "RECIPE=gpu1_small" in head and "vitos_verl.models.tiny --size small --out outputs/models/small-qwen2.5-vl" in head
+    assert "`gpu1_small`" in (ROOT / "README.md").read_text()

@@ -22,7 +22,7 @@ from verl import DataProto
 
 from vitos_verl.eval.overlay import CAPTION_PX, DATA_FILES
 from vitos_verl.eval.overlay import main as overlay_main
-from vitos_verl.pruning import box_to_resized, decode_keep_mask, image_geometry
+from vitos_verl.pruning import KeepMask, box_to_resized, image_geometry
 from vitos_verl.rewards.score import SCORE_KEYS, compute_score
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.dual_stream import grounding_rewards, plan_reasoning, with_stream
@@ -145,12 +145,12 @@ def test_training_step_dump_reads_back(step, slake_test_parquet, tmp_path):
         assert row["gt_boxes"] == [[float(v) for v in b] for b in info["gt_boxes"]]
         assert row["image_size"] == list(info["image_size"]) and row["resized_size"] == list(step.geoms[bi].resized_size)
         assert "<box>" in row["input"] or "<answer>" in row["input"]
-        assert torch.equal(decode_keep_mask(row["keep_mask"]), step.plan.keep_masks[bi])
+        assert torch.equal(KeepMask.decode(row["keep_mask"]).cells, step.plan.keep_masks[bi].cells)
         if bi % N_G == 0:  # the resized gt box: parsed back, mapped to the gt box in original pixels
             assert row["box"] == pytest.approx([round(v, 1) for v in box_to_resized(info["gt_boxes"][0], step.geoms[bi])])
             assert row["box_original"] == pytest.approx(info["gt_boxes"][0], abs=0.2)
         else:  # no box: every cell kept
-            assert row["box"] is None and row["box_original"] is None and bool(decode_keep_mask(row["keep_mask"]).all())
+            assert row["box"] is None and row["box_original"] is None and bool(KeepMask.decode(row["keep_mask"]).cells.all())
     for row in g_rows:  # the reward dicts as computed, the advantage of the sample
         bi = row["box_index"]
         assert row["output"] == step.texts[bi] and row["advantage"] == pytest.approx(step.g_adv[bi])

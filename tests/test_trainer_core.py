@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitos_verl.pruning import box_to_resized, decode_keep_mask, image_geometry
+from vitos_verl.pruning import KeepMask, box_to_resized, image_geometry
 from vitos_verl.rewards import compute_score
 from vitos_verl.trainer import ViToSConfig, cross_feedback, reasoning_input, update_stages
 
@@ -46,7 +46,7 @@ def test_prune_modes_on_a_real_box(row):
     geom = image_geometry(*image.size)
     box = box_to_resized(row["extra_info"]["gt_boxes"][0], geom)
     tok = reasoning_input("tokens", image, geom, box, margin_cells=1)
-    assert torch.equal(decode_keep_mask(tok.mm_processor_kwargs["vitos_keep"]), tok.keep_mask)
+    assert KeepMask.decode(tok.mm_processor_kwargs["vitos_keep"]) == tok.keep_mask
     assert 0 < tok.keep_ratio < 1 and tok.image is image
     crop = reasoning_input("crop", image, geom, box, margin_cells=1)
     assert crop.image.size[0] < image.size[0] and crop.mm_processor_kwargs == {}

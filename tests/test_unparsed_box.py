@@ -8,7 +8,7 @@ import math
 import pytest
 from PIL import Image
 
-from vitos_verl.pruning import decode_keep_mask, image_geometry
+from vitos_verl.pruning import KeepMask, image_geometry
 from vitos_verl.rewards.score import UNPARSED_BOX_RULES
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.dual_stream import plan_reasoning
@@ -24,12 +24,12 @@ def test_keep_min_keeps_the_fewest_cells_at_the_centre(min_keep_ratio):
     image = Image.new("RGB", geom.orig_size)
     ri = reasoning_input("tokens", image, geom, None, margin_cells=2, min_keep_ratio=min_keep_ratio, unparsed_box="keep_min")
     want = max(1, math.ceil(min_keep_ratio * rows * cols - 1e-9))
-    assert int(ri.keep_mask.sum()) == want and ri.keep_ratio == pytest.approx(want / (rows * cols))
-    kept = ri.keep_mask.nonzero().float().mean(0)  # the kept cells sit around the centre cell
+    assert int(ri.keep_mask.cells.sum()) == want and ri.keep_ratio == pytest.approx(want / (rows * cols))
+    kept = ri.keep_mask.cells.nonzero().float().mean(0)  # the kept cells sit around the centre cell
     assert abs(kept[0] - (rows - 1) / 2) <= 1 and abs(kept[1] - (cols - 1) / 2) <= 1
     for rule in ("keep_all", "no_feedback"):
         full = reasoning_input("tokens", image, geom, None, 2, min_keep_ratio, unparsed_box=rule)
-        assert bool(full.keep_mask.all()) and full.keep_ratio == 1.0
+        assert bool(full.keep_mask.cells.all()) and full.keep_ratio == 1.0
     crop = reasoning_input("crop", image, geom, None, 0, 0.0, unparsed_box="keep_min")
     assert crop.keep_ratio == pytest.approx(1 / (rows * cols)) and crop.image.size[0] < image.size[0] / 10
     with pytest.raises(ValueError, match="unparsed_box"):
@@ -44,10 +44,10 @@ def test_plan_reasoning_follows_the_rule(rule):
     cfg = ViToSConfig(n_r=2, margin_cells=1, unparsed_box=rule)
     plan = plan_reasoning(texts, [list(geom.grid_thw)] * n, [geom.orig_size] * n, [[]] * n, cfg)
     assert plan.parsed.tolist() == [True] + [False] * len(NO_BOX)
-    box_keep = decode_keep_mask(plan.vitos_keep[0])
+    box_keep = KeepMask.decode(plan.vitos_keep[0]).cells
     for j in range(2, 2 * n):  # the samples made from the outputs without a box
         if rule == "keep_min":
-            assert int(decode_keep_mask(plan.vitos_keep[j]).sum()) == 1 < int(box_keep.sum())
+            assert int(KeepMask.decode(plan.vitos_keep[j]).cells.sum()) == 1 < int(box_keep.sum())
         else:
             assert plan.vitos_keep[j] == "" and plan.keep_ratio[j] == 1.0
 

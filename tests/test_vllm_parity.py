@@ -17,9 +17,9 @@ from PIL import Image
 
 from vitos_verl.data.prompts import to_content_list
 from vitos_verl.pruning import (
+    KeepMask,
     box_to_keep_mask,
     box_to_resized,
-    encode_keep_mask,
     geometry_from_grid,
     mrope_position_ids,
 )
@@ -89,7 +89,7 @@ def cases(slake_test_parquet, tiny_processor):
 def _request(case, keep: torch.Tensor | None):
     req = {"prompt": case["text"], "multi_modal_data": {"image": case["image"]}}
     if keep is not None:
-        req["mm_processor_kwargs"] = {"vitos_keep": encode_keep_mask(keep)}
+        req["mm_processor_kwargs"] = {"vitos_keep": KeepMask(keep).encode()}
     return req
 
 
@@ -173,7 +173,7 @@ def test_one_vision_encoding_per_image_whatever_the_box(llm, cases):
     rows, cols = case["mask"].shape
     boxes = [[0, 0, 28 * cols / 2, 28 * rows / 2], [28, 28, 28 * cols, 28 * rows], [100, 60, 300, 200]]
     masks = [box_to_keep_mask(b, (rows, cols)) for b in boxes]
-    assert len({encode_keep_mask(m) for m in masks}) == len(masks)
+    assert len({KeepMask(m).encode() for m in masks}) == len(masks)
     hits0, miss0 = _vit_counts(llm)
     sp = SamplingParams(max_tokens=2, temperature=0.0)
     # a fresh copy of the image with one pixel changed: a new image for every cache
@@ -203,7 +203,7 @@ def test_verl_token_prompt_path(llm, cases, tiny_processor):
     token_req = TokensPrompt(
         prompt_token_ids=collapsed,
         multi_modal_data={"image": case["image"]},
-        mm_processor_kwargs={"vitos_keep": encode_keep_mask(case["mask"])},
+        mm_processor_kwargs={"vitos_keep": KeepMask(case["mask"]).encode()},
     )
     via_tokens, via_text = llm.generate([token_req, _request(case, case["mask"])], sp, use_tqdm=False)
     assert via_tokens.prompt_token_ids == pruned_ids.tolist() == via_text.prompt_token_ids

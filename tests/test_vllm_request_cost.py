@@ -20,7 +20,7 @@ import torch
 from tests import test_vllm_parity as parity
 from tests.test_vllm_parity import IMAGE_PAD, PARITY_ATOL, _actor_logprobs, _request
 from tests.test_vllm_weight_update import _linear_weights_in_place, _update_vision_weight  # noqa: F401 (fixture)
-from vitos_verl.pruning import box_to_keep_mask, encode_keep_mask
+from vitos_verl.pruning import KeepMask, box_to_keep_mask
 
 pytestmark = pytest.mark.vllm
 llm, hf_model, cases = parity.llm, parity.hf_model, parity.cases  # the fixtures (module scope: this module's own)
@@ -67,8 +67,8 @@ def _masks(case, count: int) -> list[torch.Tensor]:
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
             m = box_to_keep_mask(box, (rows, cols))
-            if encode_keep_mask(m) not in seen and bool(m.any()) and not bool(m.all()):
-                seen.add(encode_keep_mask(m))
+            if KeepMask(m).encode() not in seen and bool(m.any()) and not bool(m.all()):
+                seen.add(KeepMask(m).encode())
                 out.append(m)
             if len(out) == count:
                 return out
@@ -162,7 +162,7 @@ def test_token_prompt_pixelless(llm, cases, tiny_processor):
     token_req = TokensPrompt(
         prompt_token_ids=qwen2_5_vl_dedup_image_tokens(pruned_ids.tolist(), tiny_processor),
         multi_modal_data={"image": case["image"]},
-        mm_processor_kwargs={"vitos_keep": encode_keep_mask(mask)},
+        mm_processor_kwargs={"vitos_keep": KeepMask(mask).encode()},
     )
     (ids_t, tok_t, lp_t), = _sample(llm, [token_req], seed=41)
     assert _delta(_front(llm), f0)["pixelless"] == 1
@@ -191,8 +191,8 @@ def test_same_k_masks_keep_their_own_identifiers(llm, cases):
     proc = _processor(llm)
     items = proc.info.parse_mm_data({"image": [case["image"]]})
     h_img = ProcessorInputs(case["text"], items).get_mm_hashes(proc.info.model_id)["image"][0]  # vLLM's stock hash
-    ha, hb = proc._pruned_hash(h_img, encode_keep_mask(a)), proc._pruned_hash(h_img, encode_keep_mask(b))
-    assert len({h_img, ha, hb}) == 3 and ha == proc._pruned_hash(h_img, encode_keep_mask(a.clone()))
+    ha, hb = proc._pruned_hash(h_img, KeepMask(a).encode()), proc._pruned_hash(h_img, KeepMask(b).encode())
+    assert len({h_img, ha, hb}) == 3 and ha == proc._pruned_hash(h_img, KeepMask(a.clone()).encode())
     hashes, keys = proc._image_hashes(ProcessorInputs(case["text"], items, hf_processor_mm_kwargs={"vitos_keep": "x"}), {})
     assert hashes == keys == [h_img]  # the vitos_* kwargs never reach the image hash
 
@@ -274,7 +274,7 @@ def test_no_pixelless_items_without_a_sender_cache(llm, cases):
     proc = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config, tokenizer=llm.llm_engine.renderer.tokenizer, cache=None)
     case = _fresh(cases[1], salt=6)
     items = proc.info.parse_mm_data({"image": [case["image"]]})
-    for kw in ({}, {"vitos_keep": encode_keep_mask(_masks(case, 1)[0])}):
+    for kw in ({}, {"vitos_keep": KeepMask(_masks(case, 1)[0]).encode()}):
         out = proc.apply(ProcessorInputs(case["text"], items, hf_processor_mm_kwargs=kw), TimingContext(enabled=False))
         assert "pixel_values" in out["mm_kwargs"]["image"][0]
     assert proc.stats["pixelless"] == 0 and proc.stats["with_pixels"] == 2
@@ -306,7 +306,7 @@ def test_front_end_time_per_pruned_request(llm, cases):
     for i in range(20):  # all-but-one-cell masks: fresh, K = N - 1
         m = torch.ones(rows, cols, dtype=torch.bool)
         m.view(-1)[i] = False
-        times.append(apply({"vitos_keep": encode_keep_mask(m)}))
+        times.append(apply({"vitos_keep": KeepMask(m).encode()}))
     med = statistics.median(times)
     print(f"front end: first (processed) {t_full * 1e3:.1f} ms, pixel-less pruned median {med * 1e3:.2f} ms")
     assert proc.stats["pixelless"] == 20 and proc.stats["hf_calls"] == 1

@@ -12,7 +12,7 @@ transformers and any vLLM load it; pruning is selected at load time with this pa
     vllm serve DIR --hf-overrides '{"architectures": ["ViToSQwen2_5_VLForConditionalGeneration"]}'
 
 and per request through ``mm_processor_kwargs={"vitos_keep": "<rows>x<cols>:<hex>"}``
-(:func:`vitos_verl.pruning.encode_keep_mask`), which vLLM's OpenAI server accepts in the body of
+(:meth:`vitos_verl.pruning.KeepMask.request_value`), which vLLM's OpenAI server accepts in the body of
 a chat request (see README, "Export and serve").
 """
 

@@ -10,7 +10,9 @@ puts the budget in every image part, so ``fetch_image`` resizes once, to exactly
 vLLM leave the size alone.
 
 Config (``data.*``): ``min_pixels`` / ``max_pixels`` (default: the processor's);
-``reasoning_prompt_key`` (default ``reasoning_prompt``): the column of the reasoning stream's
+``grounding_max_pixels`` (default None: ``max_pixels``; low-resolution grounding, issue 11 item
+3: the grounding chat's image parts get this smaller budget, the reasoning chat's keep
+``max_pixels``); ``reasoning_prompt_key`` (default ``reasoning_prompt``): the column of the reasoning stream's
 chat, returned as ``raw_reasoning_prompt`` next to verl's ``raw_prompt`` (the grounding chat)
 when the row has it, so one row feeds both streams of the dual-stream trainer.
 """
@@ -40,6 +42,10 @@ class ViToSDataset(RLHFDataset):
         self.max_pixels = int(config.get("max_pixels") or hi)
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        g = config.get("grounding_max_pixels")
+        self.grounding_max_pixels = int(g) if g is not None else None
+        if self.grounding_max_pixels is not None and not 28 * 28 <= self.grounding_max_pixels <= self.max_pixels:
+            raise ValueError(f"data.grounding_max_pixels={g} must be in [784, max_pixels={self.max_pixels}]")
         self.reasoning_prompt_key = str(config.get("reasoning_prompt_key") or "reasoning_prompt")
         super().__init__(data_files, tokenizer, config, processor, max_samples)
 
@@ -50,12 +56,15 @@ class ViToSDataset(RLHFDataset):
 
     def _build_messages(self, example: dict, key: str):
         messages = super()._build_messages(example, key)
+        lo, hi = self.min_pixels, self.max_pixels
+        if key == self.prompt_key != self.reasoning_prompt_key and self.grounding_max_pixels is not None:
+            lo, hi = min(lo, self.grounding_max_pixels), self.grounding_max_pixels
         for m in messages:
             if isinstance(m.get("content"), list):
                 for part in m["content"]:
                     if part.get("type") == "image":
-                        part.setdefault("min_pixels", self.min_pixels)
-                        part.setdefault("max_pixels", self.max_pixels)
+                        part.setdefault("min_pixels", lo)
+                        part.setdefault("max_pixels", hi)
         # the reasoning chat rides along with verl's raw_prompt, from the same row
         if key == self.prompt_key != self.reasoning_prompt_key and example.get(self.reasoning_prompt_key) is not None:
             example["raw_reasoning_prompt"] = self._build_messages(example, self.reasoning_prompt_key)

@@ -39,14 +39,14 @@ from vitos_verl.pruning import (
     CELL,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
+    KEEP_ALL,
     ImageGeometry,
-    box_to_keep_mask,
+    KeepMask,
     box_to_original,
     box_to_resized,
-    decode_keep_mask,
     geometry_from_grid,
     image_geometry,
-    keep_ratio,
+    map_box,
 )
 
 #: The file the trainer writes beside its rollout JSONL: the parquet files the rows come from.
@@ -56,13 +56,14 @@ CAPTION_PX = 14
 
 
 def draw_overlay(
-    image: Image.Image, mask: torch.Tensor, geom: ImageGeometry, box_resized: Sequence[float] | None = None, dim: float = 0.35
+    image: Image.Image, mask: KeepMask | torch.Tensor, geom: ImageGeometry, box_resized: Sequence[float] | None = None, dim: float = 0.35
 ) -> Image.Image:
     """RGB copy of ``image`` (original size) with the keep mask drawn on it.
 
     Args:
         image: the original image.
-        mask: bool ``(rows, cols)`` keep mask over ``geom.cell_grid``.
+        mask: :class:`~vitos_verl.pruning.KeepMask` (or its bool ``(rows, cols)`` grid) over
+            ``geom.cell_grid``.
         geom: the image's geometry (:func:`vitos_verl.pruning.image_geometry`).
         box_resized: optional ``[x1, y1, x2, y2]`` in resized pixels, drawn in red.
         dim: brightness of unkept cells, in ``[0, 1]``.
@@ -71,6 +72,7 @@ def draw_overlay(
         ValueError: mask shape differs from the geometry's cell grid, or the image size from
             ``geom.orig_size``.
     """
+    mask = getattr(mask, "cells", mask)
     if tuple(mask.shape) != geom.cell_grid:
         raise ValueError(f"mask shape {tuple(mask.shape)} != cell grid {geom.cell_grid}")
     if image.size != geom.orig_size:
@@ -96,19 +98,26 @@ def draw_overlay(
 def draw_rollout(image: Image.Image, row: Mapping[str, Any]) -> Image.Image:
     """:func:`draw_overlay` of one rollout JSONL line (:mod:`vitos_verl.trainer.rollout_dump`).
 
-    Uses the line's ``grid_thw`` and ``image_size`` (original ``[W, H]`` pixels) for the geometry,
-    its ``keep_mask`` (every cell when absent) and its ``box`` (resized pixels; none drawn when
-    null). An image whose size differs from ``image_size`` is resized to it first.
+    Uses the line's ``grid_thw`` and ``image_size`` (original ``[W, H]`` pixels) for the frame of
+    its ``box`` (resized pixels; none drawn when null), and its ``keep_mask`` (every cell when
+    absent) on the mask's own grid: the same frame, or the full-budget one under low-resolution
+    grounding (the box is mapped onto it, :func:`vitos_verl.pruning.map_box`). An image whose
+    size differs from ``image_size`` is resized to it first.
 
     Raises:
-        ValueError: a malformed ``keep_mask``, or one whose shape is not the grid's.
+        ValueError: a malformed ``keep_mask``.
     """
     size = (int(row["image_size"][0]), int(row["image_size"][1]))
     geom = geometry_from_grid(row["grid_thw"], orig_size=size)
-    mask = decode_keep_mask(row["keep_mask"]) if row.get("keep_mask") else torch.ones(geom.cell_grid, dtype=torch.bool)
+    mask = KeepMask.decode(row.get("keep_mask") or KEEP_ALL, geom.cell_grid)
+    box = row.get("box")
+    if mask.cell_grid != geom.cell_grid:
+        rows, cols = mask.cell_grid
+        mask_geom = geometry_from_grid((1, 2 * rows, 2 * cols), orig_size=size)
+        box, geom = (map_box(box, geom, mask_geom) if box is not None else None), mask_geom
     if image.size != size:
         image = image.resize(size)
-    return draw_overlay(image, mask, geom, row.get("box"))
+    return draw_overlay(image, mask.cells, geom, box)
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -271,10 +280,10 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("give --data, --image or --rollouts")
     geom = image_geometry(*image.size, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
     box_r = box_to_resized(box, geom) if box is not None else None
-    mask = box_to_keep_mask(box_r, geom.cell_grid, a.margin_cells, a.min_keep_ratio)
+    mask = KeepMask.from_box(box_r, geom.cell_grid, a.margin_cells, a.min_keep_ratio)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     draw_overlay(image, mask, geom, box_r).save(a.out)
-    print(f"{a.out}: kept {int(mask.sum())}/{mask.numel()} visual tokens (keep ratio {keep_ratio(mask):.3f})")
+    print(f"{a.out}: kept {mask.num_kept}/{mask.num_cells} visual tokens (keep ratio {mask.ratio:.3f})")
     return a.out
 
 

@@ -718,14 +718,14 @@ def render_thumbnail(image: Any, record: Mapping[str, Any], size: int = THUMB) -
     from PIL import ImageDraw
 
     from vitos_verl.eval.overlay import draw_overlay
-    from vitos_verl.pruning import decode_keep_mask, geometry_from_grid
+    from vitos_verl.pruning import KeepMask, geometry_from_grid
 
     pic = None
     box_r, box_o = _valid_box(record.get("box_resized")), _valid_box(record.get("box_original"))
     if record.get("keep_mask"):
         try:
-            mask = decode_keep_mask(record["keep_mask"])
-            rows, cols = mask.shape
+            mask = KeepMask.decode(record["keep_mask"])
+            rows, cols = mask.cell_grid
             geom = geometry_from_grid((1, 2 * rows, 2 * cols), orig_size=image.size)
             pic = draw_overlay(image, mask, geom, box_r)
             box_o = None if box_r is not None else box_o

@@ -44,12 +44,13 @@ from vitos_verl.eval.methods import MATCHED, METHODS, TWO_PASS, center_mask, mat
 from vitos_verl.eval.protocols import CHOICE_DATASETS, DATASETS, judge_both
 from vitos_verl.export import actor_dir, export, is_hf_dir
 from vitos_verl.pruning import (
+    KEEP_KWARG,
     ImageGeometry,
+    KeepMask,
     box_to_original,
     box_to_resized,
-    encode_keep_mask,
     image_geometry,
-    keep_ratio,
+    map_box,
 )
 from vitos_verl.rewards.boxes import best_iou, parse_boxes, union_box
 from vitos_verl.trainer.streams import reasoning_input
@@ -204,6 +205,13 @@ class Refused:
         self.outputs = [type("Empty", (), {"text": "", "token_ids": []})()]
 
 
+def _mask_fields(mask: KeepMask, always: bool = False) -> dict[str, Any]:
+    """A record's mask fields: ``keep_mask`` (:meth:`KeepMask.encode`, None when every cell is kept
+    unless ``always``), ``keep_ratio``, ``kept_tokens``, ``pruned``."""
+    return {"keep_mask": mask.encode() if (always or not mask.keeps_all) else None, "keep_ratio": mask.ratio,
+            "kept_tokens": mask.num_kept, "pruned": not mask.keeps_all}
+
+
 @dataclass
 class Item:
     """One question as the methods see it."""
@@ -243,6 +251,9 @@ class Evaluator:
         self.out = Path(cfg.out_dir)
         self.model_dir = self._model_dir()
         self.tag = str(cfg.model.tag or self._auto_tag)
+        g = cfg.vitos.get("grounding_max_pixels")
+        if g is not None:  # low-resolution grounding: its predictions never mix with the paper method's
+            self.tag += f"-ground{int(g)}px"
         from transformers import AutoProcessor
 
         from vitos_verl.data.dataset import processor_pixel_budget
@@ -313,7 +324,7 @@ class Evaluator:
         images = [image] if image is not None else item.images
         req: dict[str, Any] = {"prompt": self._text(item.row[key]), "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
         if keep:
-            req["mm_processor_kwargs"] = {"vitos_keep": keep}
+            req["mm_processor_kwargs"] = {KEEP_KWARG: keep}
         return req
 
     def _generate(self, requests: list[dict], max_tokens: int) -> tuple[list[Any], float]:
@@ -355,8 +366,7 @@ class Evaluator:
             ri = reasoning_input("crop", item.images[0], geom, box, **self._box_rule())
             fields = {"box_resized": box, "box_original": ref["box_original"], "iou": ref["iou"],
                       "grounding_output": ref["grounding_output"], "grounding_prompt_tokens": ref["grounding_prompt_tokens"]}
-            return {"image": ri.image}, {**fields, "keep_mask": encode_keep_mask(ri.keep_mask), "keep_ratio": ri.keep_ratio,
-                                         "kept_tokens": int(ri.keep_mask.sum()), "pruned": ri.keep_ratio < 1.0}
+            return {"image": ri.image}, {**fields, **_mask_fields(ri.keep_mask, always=True)}
         if method == "oracle":
             gt = [box_to_resized(b, geom) for b in item.extra.get("gt_boxes") or []]
             if not gt:
@@ -366,17 +376,14 @@ class Evaluator:
         else:
             k = matched_count(rows * cols, self.cfg.keep_ratio, (vitos.get(item.uid) or {}).get("kept_tokens"))
             if method == "random":
-                mask = random_mask((rows, cols), k, item.uid, int(self.cfg.seed))
+                mask = KeepMask(random_mask((rows, cols), k, item.uid, int(self.cfg.seed)))
             elif method == "center":
-                mask = center_mask((rows, cols), k)
+                mask = KeepMask(center_mask((rows, cols), k))
             else:  # fastv
                 scores, seconds = self.fastv.scores(self._text(item.row["reasoning_prompt"]), item.images[0])
-                mask = topk_mask(scores, k)
+                mask = KeepMask(topk_mask(scores, k))
                 fields["score_time_s"] = seconds
-        full = bool(mask.all())
-        return ({} if full else {"keep": encode_keep_mask(mask)}), {
-            **fields, "keep_mask": None if full else encode_keep_mask(mask), "keep_ratio": keep_ratio(mask),
-            "kept_tokens": int(mask.sum()), "pruned": not full}
+        return ({"keep": mask.request_value()} if not mask.keeps_all else {}), {**fields, **_mask_fields(mask)}
 
     def _box_rule(self) -> dict:
         v = self.cfg.vitos
@@ -394,31 +401,44 @@ class Evaluator:
                 raise EvalError(str(e)) from e
         return self._fastv
 
+    def _grounding_geometry(self, item: Item) -> ImageGeometry:
+        """The frame of the grounding pass: the answering pass's, or under low-resolution grounding
+        (``vitos.grounding_max_pixels``) the image at that smaller budget."""
+        g = self.cfg.vitos.get("grounding_max_pixels")
+        if g is None:
+            return item.geom
+        w, h = item.geom.orig_size
+        return image_geometry(w, h, min(self.min_pixels, int(g)), int(g))
+
     def _ground(self, items: list[Item]) -> list[dict]:
-        """The grounding pass of ``vitos``: each question's box, keep mask and pass statistics."""
+        """The grounding pass of ``vitos``: each question's box, keep mask and pass statistics.
+
+        Under low-resolution grounding the request carries the image resized to its grounding
+        frame (so vLLM's processor leaves it as is), and the box is mapped onto the answering
+        pass's frame (:func:`vitos_verl.pruning.map_box`); ``box_resized`` is recorded in that frame.
+        """
         single = [it for it in items if it.single_image]
-        outs, seconds = self._generate([self._request(it, "grounding") for it in single], self.cfg.generation.grounding_max_tokens)
+        g_geoms = [self._grounding_geometry(it) for it in single]
+        images = [None if gg is it.geom else it.images[0].resize(gg.resized_size, Image.BICUBIC) for it, gg in zip(single, g_geoms)]
+        requests = [self._request(it, "grounding", im) for it, im in zip(single, images)]
+        outs, seconds = self._generate(requests, self.cfg.generation.grounding_max_tokens)
         by_uid = {}
         v = self.cfg.vitos
-        for it, out in zip(single, outs):
+        for it, gg, out in zip(single, g_geoms, outs):
             text = out.outputs[0].text
             geom = it.geom
-            boxes = parse_boxes(text, box_format=str(v.box_format), image_size=geom.resized_size)
-            box = union_box(boxes) if boxes else None
+            boxes = parse_boxes(text, box_format=str(v.box_format), image_size=gg.resized_size)
+            box = map_box(union_box(boxes), gg, geom) if boxes else None
             gt = [box_to_resized(b, geom) for b in it.extra.get("gt_boxes") or []]
             ri = reasoning_input("tokens", it.images[0], geom, box, **self._box_rule())
-            full = bool(ri.keep_mask.all())
             by_uid[it.uid] = {
                 **({"error": f"grounding: {out.error}"} if isinstance(out, Refused) else {}),
                 "grounding_output": text,
                 "box_resized": None if box is None else [float(x) for x in box],
                 "box_original": None if box is None else [float(x) for x in box_to_original(box, geom)],
                 "iou": best_iou(box, gt, str(v.iou_mode)) if (box is not None and gt) else None,
-                "keep": "" if full else encode_keep_mask(ri.keep_mask),
-                "keep_mask": None if full else encode_keep_mask(ri.keep_mask),
-                "keep_ratio": ri.keep_ratio,
-                "kept_tokens": int(ri.keep_mask.sum()),
-                "pruned": not full,
+                "keep": ri.keep_mask.request_value(),
+                **_mask_fields(ri.keep_mask),
                 "grounding_prompt_tokens": len(out.prompt_token_ids),
                 "grounding_output_tokens": len(out.outputs[0].token_ids),
                 "grounding_time_s": seconds / max(len(single), 1),

@@ -1,4 +1,6 @@
-"""Visual-token pruning geometry for Qwen2.5-VL (pure torch; the one source of truth)."""
+"""Visual-token pruning for Qwen2.5-VL (pure torch; the one source of truth): the cell geometry
+(:mod:`~vitos_verl.pruning.geometry`) and the keep mask with its protocol names
+(:mod:`~vitos_verl.pruning.keep_mask`)."""
 
 from vitos_verl.pruning.geometry import (
     CELL,
@@ -11,19 +13,32 @@ from vitos_verl.pruning.geometry import (
     box_to_original,
     box_to_resized,
     crop_box,
-    decode_keep_mask,
-    encode_keep_mask,
     geometry_from_grid,
     image_geometry,
     keep_ratio,
     kept_token_indices,
+    map_box,
     mask_bounds,
     mrope_position_ids,
     smart_resize,
     vision_positions,
 )
+from vitos_verl.pruning.keep_mask import (
+    IMAGE_KEY_FIELD,
+    KEEP_ALL,
+    KEEP_FIELD,
+    KEEP_KWARG,
+    KeepMask,
+    cell_grid_of,
+)
 
 __all__ = [
+    "IMAGE_KEY_FIELD",
+    "KEEP_ALL",
+    "KEEP_FIELD",
+    "KEEP_KWARG",
+    "KeepMask",
+    "cell_grid_of",
     "CELL",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_PIXELS",
@@ -34,12 +49,11 @@ __all__ = [
     "box_to_original",
     "box_to_resized",
     "crop_box",
-    "decode_keep_mask",
-    "encode_keep_mask",
     "geometry_from_grid",
     "image_geometry",
     "keep_ratio",
     "kept_token_indices",
+    "map_box",
     "mask_bounds",
     "mrope_position_ids",
     "smart_resize",

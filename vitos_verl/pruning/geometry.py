@@ -112,6 +112,29 @@ def box_to_original(box: Sequence[float], geom: ImageGeometry) -> list[float]:
     return [x1 / sx, y1 / sy, x2 / sx, y2 / sy]
 
 
+def map_box(box: Sequence[float], src: ImageGeometry, dst: ImageGeometry) -> list[float]:
+    """Map a box between two resized frames of one image, through its original pixels.
+
+    Low-resolution grounding (``vitos.grounding_max_pixels``, issue 11 item 3): the grounding
+    stream emits boxes in its own resized frame ``src`` (a smaller pixel budget); the reasoning
+    stream's keep mask is built on the full-budget frame ``dst``. Identity when the frames agree.
+
+    Args:
+        box: ``[x1, y1, x2, y2]`` in ``src``'s resized pixels.
+
+    Returns:
+        ``[x1, y1, x2, y2]`` floats in ``dst``'s resized pixels.
+
+    Raises:
+        ValueError: the two geometries are of images of different original sizes.
+    """
+    if tuple(src.orig_size) != tuple(dst.orig_size):
+        raise ValueError(f"frames of different images: original sizes {src.orig_size} and {dst.orig_size}")
+    if src.resized_size == dst.resized_size:
+        return [float(v) for v in box]
+    return box_to_resized(box_to_original(box, src), dst)
+
+
 def _box_cells(box: Sequence[float], rows: int, cols: int) -> tuple[int, int, int, int]:
     """Half-open cell ranges ``(r0, r1, c0, c1)`` of the cells a resized-pixel box overlaps.
 
@@ -221,7 +244,8 @@ def vision_positions(grid_thw: Sequence[int], mask: torch.Tensor | None = None) 
 
     Args:
         grid_thw: ``(t, h, w)`` in 14-px patches.
-        mask: optional bool ``(rows, cols)`` keep mask; kept tokens keep their original
+        mask: optional keep mask (:class:`~vitos_verl.pruning.KeepMask` or its bool
+            ``(rows, cols)`` grid); kept tokens keep their original
             positions (they are *not* renumbered contiguously).
 
     Returns:
@@ -233,6 +257,7 @@ def vision_positions(grid_thw: Sequence[int], mask: torch.Tensor | None = None) 
     hh = torch.arange(rows).view(1, -1, 1).expand(t, rows, cols)
     ww = torch.arange(cols).view(1, 1, -1).expand(t, rows, cols)
     pos = torch.stack([tt, hh, ww]).reshape(3, -1)
+    mask = getattr(mask, "cells", mask)  # a KeepMask or its bool grid
     if mask is not None:
         if tuple(mask.shape) != (rows, cols):
             raise ValueError(f"keep mask shape {tuple(mask.shape)} != cell grid {(rows, cols)}")
@@ -260,7 +285,8 @@ def mrope_position_ids(
         input_ids: ``torch.long`` ``(L,)`` of one sequence.
         image_grid_thw: ``(num_images, 3)`` patches per image, in prompt order.
         image_token_id: id of ``<|image_pad|>``.
-        keep_masks: one bool ``(rows, cols)`` mask or None (unpruned) per image.
+        keep_masks: one :class:`~vitos_verl.pruning.KeepMask` (or bool ``(rows, cols)`` grid) or
+            None (unpruned) per image.
         attention_mask: optional ``(L,)``; positions are computed over attended tokens and
             padding gets position 0, like transformers.
 
@@ -313,50 +339,16 @@ def mrope_position_ids(
     return out
 
 
-def encode_keep_mask(mask: torch.Tensor) -> str:
-    """Compact text form ``"<rows>x<cols>:<hex>"`` of a keep mask (row-major bits, MSB first).
-
-    It travels in vLLM's ``mm_processor_kwargs`` (which vLLM folds into its multimodal cache
-    keys), so requests whose boxes select the same cells share one key and one cached prefix.
-
-    >>> encode_keep_mask(torch.tensor([[True, False, False], [False, True, True]]))
-    '2x3:8c'
-    """
-    m = mask.to(torch.bool).cpu()
-    if m.dim() != 2:
-        raise ValueError(f"keep mask must be 2-D (rows, cols), got shape {tuple(m.shape)}")
-    bits = "".join("1" if b else "0" for b in m.flatten().tolist())
-    bits += "0" * (-len(bits) % 4)
-    return f"{m.shape[0]}x{m.shape[1]}:" + "".join(f"{int(bits[i:i + 4], 2):x}" for i in range(0, len(bits), 4))
-
-
-def decode_keep_mask(text: str) -> torch.Tensor:
-    """Inverse of :func:`encode_keep_mask`; bool ``(rows, cols)``.
-
-    Raises:
-        ValueError: malformed text, wrong length, or a mask that keeps no cell.
-    """
-    try:
-        shape, hexbits = str(text).split(":")
-        rows, cols = (int(v) for v in shape.split("x"))
-        bits = "".join(f"{int(c, 16):04b}" for c in hexbits)
-    except ValueError as e:
-        raise ValueError(f"malformed keep mask {text!r}: expected '<rows>x<cols>:<hex>'") from e
-    n = rows * cols
-    if rows <= 0 or cols <= 0 or len(hexbits) != (n + 3) // 4:
-        raise ValueError(f"keep mask {text!r}: {len(hexbits)} hex digits for a {rows}x{cols} grid")
-    mask = torch.tensor([c == "1" for c in bits[:n]], dtype=torch.bool).view(rows, cols)
-    if not bool(mask.any()):
-        raise ValueError(f"keep mask {text!r} keeps no cell")
-    return mask
-
-
 def mask_bounds(mask: torch.Tensor) -> tuple[int, int, int, int]:
     """Half-open cell rectangle ``(r0, r1, c0, c1)`` enclosing every kept cell.
+
+    Args:
+        mask: bool ``(rows, cols)`` grid, or a :class:`~vitos_verl.pruning.KeepMask`.
 
     Raises:
         ValueError: the mask keeps no cell.
     """
+    mask = getattr(mask, "cells", mask)
     rows = mask.any(dim=1).nonzero().squeeze(1)
     cols = mask.any(dim=0).nonzero().squeeze(1)
     if rows.numel() == 0:

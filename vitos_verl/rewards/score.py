@@ -23,10 +23,9 @@ from vitos_verl.pruning import (
     DEFAULT_MIN_PIXELS,
     PATCH_SIZE,
     ImageGeometry,
-    box_to_keep_mask,
+    KeepMask,
     box_to_resized,
     image_geometry,
-    keep_ratio,
 )
 from vitos_verl.rewards.answers import answer_scores, clean_answer, extract_answer
 from vitos_verl.rewards.boxes import MAX_TEXT_CHARS, best_iou, parse_boxes, union_box
@@ -154,8 +153,11 @@ def grounding_score(
     """Grounding reward of one sample; see the module docstring.
 
     ``extra_info`` needs ``image_size`` = ``(W, H)`` of the original image; optional
-    ``gt_boxes`` (original pixels, ``[[x1, y1, x2, y2], ...]``), ``resized_size`` (else
-    computed with ``smart_resize(min_pixels, max_pixels)``) and ``feedback_acc``. The
+    ``gt_boxes`` (original pixels, ``[[x1, y1, x2, y2], ...]``), ``resized_size`` (the frame the
+    grounding stream saw, else computed with ``smart_resize(min_pixels, max_pixels)``),
+    ``feedback_acc`` and ``keep_ratio`` (the trainer's planned mask's ratio,
+    :meth:`vitos_verl.trainer.dual_stream.ReasoningPlan.grounding_keep_ratios`: the fraction of
+    tokens the answers saw, so the mask is built once; else the mask of the box is built here). The
     predicted box is the union of all boxes in the output that cover part of the image, in
     resized pixels; the ground truth is mapped into that frame before the IoU. An output
     without such a box (``parsed = 0``) earns no IoU and no format credit, is charged
@@ -180,8 +182,13 @@ def grounding_score(
     gt = [box_to_resized(b, geom) for b in (extra_info.get("gt_boxes") or []) if len(b) == 4]
     has_gt = bool(gt)
     iou_v = best_iou(pred, gt, iou_mode) if (pred is not None and has_gt) else 0.0
-    mask = box_to_keep_mask(pred, geom.cell_grid, margin_cells, min_keep_ratio)
-    kr = keep_ratio(mask)
+    planned = _finite(extra_info.get("keep_ratio"), -1.0)
+    if pred is None:
+        kr = 1.0
+    elif 0.0 < planned <= 1.0:
+        kr = planned
+    else:
+        kr = KeepMask.from_box(pred, geom.cell_grid, margin_cells, min_keep_ratio).ratio
     fb = _finite(extra_info.get("feedback_acc"), 0.0)
     if pred is None and unparsed_box == "no_feedback":
         fb = 0.0

@@ -10,23 +10,26 @@ so rollout and training see one sequence).
 
 :func:`apply_actor_patch` wraps ``Qwen2_5_VLModel.forward`` (verl's own patch of it included,
 so call it after verl's ``apply_monkey_patch``): without ``vitos_keep_mask`` the wrapped
-forward runs untouched; with it, the vision encoder runs on the full images, the kept rows are
-scattered into the token embeddings and the language model runs on them.
+forward runs untouched; with it, the vision encoder runs once on each distinct full image of
+the micro-batch (the samples of one question share its output, and their gradients flow into
+that one pass), each sample's kept rows are scattered into the token embeddings and the
+language model runs on them (:func:`~vitos_verl.rollout.pruned_inputs.pruned_inputs_embeds`).
 """
 
 from __future__ import annotations
 
 import functools
 
-from vitos_verl.rollout.pruned_inputs import pruned_inputs_embeds, split_keep_mask
-
-KEEP_KEY = "vitos_keep_mask"
+from vitos_verl.pruning import KEEP_FIELD
+from vitos_verl.rollout.pruned_inputs import pruned_inputs_embeds
 
 
 def _wrap(orig):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModelOutputWithPast
+
     @functools.wraps(orig)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, image_grid_thw=None, **kwargs):
-        keep = kwargs.pop(KEEP_KEY, None)
+        keep = kwargs.pop(KEEP_FIELD, None)
         if keep is None:
             return orig(
                 self,
@@ -42,12 +45,23 @@ def _wrap(orig):
         if kwargs.get("pixel_values_videos") is not None:
             raise NotImplementedError("visual-token pruning of videos is not supported")
         if pixel_values is None or image_grid_thw is None:
-            raise ValueError(f"{KEEP_KEY} given without pixel_values / image_grid_thw")
+            raise ValueError(f"{KEEP_FIELD} given without pixel_values / image_grid_thw")
         for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "inputs_embeds", "labels", "mm_token_type_ids"):
             kwargs.pop(k, None)
-        embeds = pruned_inputs_embeds(self, input_ids, pixel_values, image_grid_thw, split_keep_mask(keep, image_grid_thw))
-        return self.language_model(
+        # the flat mask as verl concatenated it; the ViT runs once per distinct image of the micro-batch
+        embeds = pruned_inputs_embeds(self, input_ids, pixel_values, image_grid_thw, keep)
+        out = self.language_model(
             input_ids=None, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        if isinstance(out, tuple):
+            return out
+        # the stock outer forward reads `rope_deltas` (verl's reads `[0]`): the stock output type
+        return Qwen2_5_VLModelOutputWithPast(
+            last_hidden_state=out.last_hidden_state,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            rope_deltas=None,
         )
 
     forward._vitos_pruning = True

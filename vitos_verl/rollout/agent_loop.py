@@ -6,9 +6,14 @@ For a pruned sample that would rebuild the *full* prompt, so the actor would com
 log-probs on other inputs than the ones vLLM sampled from. This module closes that gap:
 
 * :class:`PrunedAgentLoop` (agent name ``vitos_pruned``): a single-turn loop whose request
-  carries ``mm_processor_kwargs={"vitos_keep": "<rows>x<cols>:<hex>"}`` (the vLLM plugin
+  carries ``mm_processor_kwargs={"vitos_keep": "<rows>x<cols>:<hex>"}``
+  (:class:`vitos_verl.pruning.KeepMask`; the vLLM plugin
   prunes the prompt to the kept cells) and whose returned ``prompt_ids`` keep only the kept
   image tokens. Without ``vitos_keep`` (the grounding stream) it is verl's single-turn loop.
+  Every request of one question (its ``n_g`` grounding and ``n_g * n_r`` reasoning samples) goes
+  to the server under one routing key, ``vitos-<uid>`` (:func:`routing_key`), so verl's sticky
+  load balancer sends the reasoning requests to the replica that served the question's grounding
+  requests, whose ViT cache holds the image's features (see "Routing" below).
 * :class:`ViToSAgentLoopWorker`: puts ``vitos_keep_mask`` (flat bool, all True when unpruned)
   into every image sample's ``multi_modal_inputs`` next to the full image's ``pixel_values``
   and ``image_grid_thw``, and computes the ``(1, 4, L)`` position ids (text row + 3-D M-RoPE)
@@ -20,6 +25,33 @@ log-probs on other inputs than the ones vLLM sampled from. This module closes th
   flagged as failed (:mod:`vitos_verl.trainer.faults`), so the step goes on without it.
 * :class:`ViToSAgentLoopManager`: verl's manager with that worker; selected with
   ``actor_rollout_ref.rollout.agent.agent_loop_manager_class``.
+
+Routing (verl 0.9.1)
+--------------------
+``LLMServerClient.generate(request_id, ...)`` (``verl/workers/rollout/llm_server.py``) asks the
+load balancer for a server by ``request_id``; verl's default ``GlobalRequestLoadBalancer``
+(``verl/workers/rollout/router.py``) keeps an LRU map ``request_id -> server`` (10,000 entries)
+and routes a new id to the least-loaded server. verl's ``SingleTurnAgentLoop.run`` makes a fresh
+``uuid4`` id per sample, so a question's reasoning requests landed anywhere. :class:`PrunedAgentLoop`
+wraps its ``server_manager`` for the call (:class:`_RoutedServer`) so ``generate`` gets
+``request_id = vitos-<uid>`` (``uid``: the question's id, a per-sample column the trainer puts
+in both streams' batches and that verl passes to ``run``; training and validation both set it).
+The first request of a question picks the least-loaded server, the rest stick to it (the
+balancer is a Ray actor: acquires are serialised). Sharing one id among in-flight requests is
+safe there, which this relies on (private behaviour of verl 0.9.1):
+
+* vLLM never sees the key: ``LLMServerClient._vllm_request_id`` sends a fresh ``uuid4`` per
+  call (and vLLM 0.24 ``InputProcessor.assign_request_id`` adds a random suffix anyway);
+* ``release_server`` decrements the in-flight count of the *server id* it is given (the
+  ``request_id`` is only forwarded to balancers that declare it in ``require_release_fields``),
+  so the counts stay exact with repeated ids;
+* nothing else in the client, ``vLLMHttpServer.generate`` or the rollout trace keys state on it.
+
+Without a ``uid`` (a caller outside the trainer), with ``rollout.full_determinism`` (verl then
+routes by ``hash(request_id)`` and passes it to vLLM: its own ``det-<priority>`` ids are kept) or
+with a router plugin (``rollout.router_config_path``: its bookkeeping may be per request id),
+verl's id is used unchanged. Load is balanced per question, not per sample: fine while a batch
+has many more questions than replicas.
 """
 
 from __future__ import annotations
@@ -45,9 +77,8 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 from verl.utils.tokenizer.tokenizer import get_processor_token_id
 from verl.workers.rollout.replica import TokenOutput
 
-from vitos_verl.pruning import MERGE_SIZE, decode_keep_mask, mrope_position_ids
+from vitos_verl.pruning import KEEP_ALL, KEEP_FIELD, KEEP_KWARG, KeepMask, cell_grid_of, mrope_position_ids
 from vitos_verl.rewards.guard import GUARDED_KEYS, failed_scores, normalize_scores
-from vitos_verl.rollout.actor_patch import KEEP_KEY
 from vitos_verl.rollout.pruned_inputs import prune_input_ids
 from vitos_verl.trainer.faults import ERROR_KEY, FAILED_KEY, FAULT_KEY
 
@@ -56,16 +87,47 @@ logger = logging.getLogger(__name__)
 AGENT_NAME = "vitos_pruned"
 #: Seconds on top of ``vitos.reward_timeout_s`` for one reward-loop call (queueing, Ray round trip).
 REWARD_CALL_MARGIN_S = 30.0
-KEEP_KWARG = "vitos_keep"
+#: Prefix of the routing key of a question's requests (:func:`routing_key`).
+ROUTE_PREFIX = "vitos-"
+
+
+def routing_key(uid: Any, rollout_config: Any = None) -> str | None:
+    """The load balancer's key for every request of the question ``uid``: ``vitos-<uid>``.
+
+    ``None`` (keep verl's per-request id) without a uid, with ``full_determinism`` or with a
+    router plugin (``router_config_path``) in ``rollout_config`` (module doc, "Routing").
+    """
+    if uid is None or (isinstance(uid, float) and uid != uid) or str(uid) == "":
+        return None
+    if rollout_config is not None and (
+        getattr(rollout_config, "full_determinism", False) or getattr(rollout_config, "router_config_path", None)
+    ):
+        return None
+    return f"{ROUTE_PREFIX}{uid}"
+
+
+class _RoutedServer:
+    """A ``server_manager`` whose ``generate`` goes out under a fixed routing key (module doc)."""
+
+    def __init__(self, inner: Any, key: str):
+        self._inner, self._key = inner, key
+
+    async def generate(self, request_id: Any = None, **kwargs: Any) -> Any:
+        return await self._inner.generate(request_id=self._key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 @register(AGENT_NAME)
 class PrunedAgentLoop(SingleTurnAgentLoop):
     """Single-turn rollout on the visual tokens a keep mask selects (see module doc).
 
-    Per-sample input (a ``non_tensor_batch`` column): ``vitos_keep``, the encoded keep mask of
-    the prompt's one image (:func:`vitos_verl.pruning.encode_keep_mask`), or ``""`` for the
-    full image.
+    Per-sample input (``non_tensor_batch`` columns): ``vitos_keep``
+    (:data:`~vitos_verl.pruning.KEEP_KWARG`), the keep mask of the prompt's one image as a request
+    carries it (:meth:`vitos_verl.pruning.KeepMask.request_value`: ``"RxC:hex"``, or ``""`` for the
+    full image); ``uid``, the question's id: its requests all go out under
+    :func:`routing_key` (one replica per question; module doc, "Routing").
 
     Raises:
         ValueError: a keep mask on a prompt that has not exactly one image, or whose image
@@ -74,13 +136,21 @@ class PrunedAgentLoop(SingleTurnAgentLoop):
 
     async def run(self, sampling_params: dict[str, Any], vitos_keep: str = "", **kwargs) -> Any:
         self._vitos_keep = str(vitos_keep or "")
-        output = await super().run(sampling_params, **kwargs)
+        key = routing_key(kwargs.get("uid"), getattr(self, "rollout_config", None))
+        server = self.server_manager
+        if key is not None:
+            self.server_manager = _RoutedServer(server, key)
+        try:
+            output = await super().run(sampling_params, **kwargs)
+        finally:
+            self.server_manager = server
         if self._vitos_keep:
-            mask = decode_keep_mask(self._vitos_keep)
+            mask = KeepMask.decode(self._vitos_keep)
             images = (output.multi_modal_data or {}).get("images") or []
             if len(images) != 1:
                 raise ValueError(f"visual-token pruning needs exactly one image per prompt, got {len(images)}")
-            grid = torch.tensor([[1, mask.shape[0] * MERGE_SIZE, mask.shape[1] * MERGE_SIZE]])
+            rows, cols = mask.cell_grid
+            grid = torch.tensor([[1, 2 * rows, 2 * cols]])  # the (t, h, w) patches of the mask's cell grid
             ids = torch.tensor(output.prompt_ids, dtype=torch.long)
             output.prompt_ids = prune_input_ids(ids, grid, [mask], get_processor_token_id(self.processor, "image")).tolist()
         return output
@@ -113,32 +183,26 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
 
     def _compute_multi_modal_inputs(self, output, input_ids) -> dict[str, torch.Tensor]:
         mm_kwargs = dict(output.mm_processor_kwargs or {})
-        keep = mm_kwargs.pop(KEEP_KWARG, "")
+        keep = mm_kwargs.pop(KEEP_KWARG, KEEP_ALL)
         if keep:  # the processor re-expands the collapsed image run to the full image
             output = output.model_copy(update={"mm_processor_kwargs": mm_kwargs})
         inputs = super()._compute_multi_modal_inputs(output, input_ids)
         grid = inputs.get("image_grid_thw")
         if grid is None:
             return inputs
-        if keep:
-            mask = decode_keep_mask(keep)
-            rows, cols = int(grid[0, 1]) // MERGE_SIZE, int(grid[0, 2]) // MERGE_SIZE
-            if grid.shape[0] != 1 or tuple(mask.shape) != (rows, cols):
-                raise ValueError(f"keep mask {tuple(mask.shape)} does not match image_grid_thw {grid.tolist()}")
-            inputs[KEEP_KEY] = mask.flatten()
-        else:
-            inputs[KEEP_KEY] = torch.ones(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()) // MERGE_SIZE**2, dtype=torch.bool)
+        if keep and grid.shape[0] != 1:
+            raise ValueError(f"a keep mask prunes one image; image_grid_thw has {grid.shape[0]} rows")
+        masks = [KeepMask.decode(keep, cell_grid_of(g)) for g in grid] if keep else [KeepMask.keep_all(cell_grid_of(g)) for g in grid]
+        inputs[KEEP_FIELD] = KeepMask.concat(masks)
         return inputs
 
     def _compute_position_ids(self, input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs=None):
-        flat = multi_modal_inputs.get(KEEP_KEY)
+        flat = multi_modal_inputs.get(KEEP_FIELD)
         if flat is None:
             return super()._compute_position_ids(input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs)
         multi_modal_inputs.pop("mm_token_type_ids", None)
-        from vitos_verl.rollout.pruned_inputs import split_keep_mask
-
         grid = multi_modal_inputs["image_grid_thw"]
-        masks = split_keep_mask(flat, grid)
+        masks = KeepMask.split(flat, grid)
         vision = mrope_position_ids(input_ids[0], grid, get_processor_token_id(self.processor, "image"), masks, attention_mask[0])
         valid = attention_mask[0].bool()
         text = torch.ones((1, input_ids.shape[1]), dtype=torch.long)

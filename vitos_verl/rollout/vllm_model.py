@@ -1,7 +1,8 @@
 """Qwen2.5-VL with visual-token pruning for vLLM (out-of-tree model, vLLM 0.24.0).
 
 A request asks for pruning through ``mm_processor_kwargs={"vitos_keep": "<rows>x<cols>:<hex>"}``
-(:func:`vitos_verl.pruning.encode_keep_mask`; one image per pruned request). Then:
+(:class:`vitos_verl.pruning.KeepMask`; one image per pruned request; ``""`` is the unpruned
+request). Then:
 
 * the processor emits only the kept number ``K`` of ``<|image_pad|>`` tokens and attaches the
   mask (``vitos_keep_mask``) and the image's content key (``vitos_image_key``) to the item;
@@ -91,12 +92,17 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.multimodal.processing.processor import MultiModalProcessingInfo
 
-from vitos_verl.pruning import MERGE_SIZE, decode_keep_mask, mrope_position_ids
+from vitos_verl.pruning import (
+    IMAGE_KEY_FIELD,
+    KEEP_FIELD,
+    KEEP_KWARG,
+    MERGE_SIZE,
+    KeepMask,
+    cell_grid_of,
+    mrope_position_ids,
+)
 
 ARCH = "ViToSQwen2_5_VLForConditionalGeneration"
-KEEP_KWARG = "vitos_keep"
-MASK_FIELD = "vitos_keep_mask"
-KEY_FIELD = "vitos_image_key"
 KEY_BYTES = 16
 VIT_CACHE_ITEMS = int(os.environ.get("VITOS_VIT_CACHE_ITEMS", "256"))
 VIT_CACHE_BYTES = int(float(os.environ.get("VITOS_VIT_CACHE_MB", "1024")) * (1 << 20))
@@ -259,10 +265,10 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if MASK_FIELD in hf_inputs:
+        if KEEP_FIELD in hf_inputs:
             grid = hf_inputs["image_grid_thw"]
-            config[MASK_FIELD] = MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE))
-            config[KEY_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+            config[KEEP_FIELD] = MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE))
+            config[IMAGE_KEY_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -273,8 +279,8 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 
         def kept(item_idx: int) -> list[int]:
             item = out_mm_kwargs["image"][item_idx]
-            if MASK_FIELD in item:
-                return [image_token] * int(item[MASK_FIELD].data.sum())
+            if KEEP_FIELD in item:
+                return [image_token] * int(item[KEEP_FIELD].data.sum())
             grid = item["image_grid_thw"].data
             return [image_token] * (int(grid.prod()) // (MERGE_SIZE * MERGE_SIZE))
 
@@ -306,7 +312,7 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
                 a uuid-only image (no data) that neither vLLM's cache nor this engine holds.
         """
         items = inputs.mm_data_items
-        spec = inputs.hf_processor_mm_kwargs.get(KEEP_KWARG)
+        spec = inputs.hf_processor_mm_kwargs.get(KEEP_KWARG) or None  # KEEP_ALL ("") is the unpruned request
         _, passthrough = self._get_hf_mm_data(items)
         counts = {m: c for m, c in items.get_all_counts().items() if c > 0}
         if passthrough or set(counts) != {"image"}:
@@ -331,7 +337,7 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         pixelless_grid = [None if is_cached[i] or spec is None else self._carrier_grid(h_img[i]) for i in range(n)]
         to_process = [i for i in range(n) if not is_cached[i] and pixelless_grid[i] is None]
         new = [i for i in range(n) if not is_cached[i]]
-        mask = decode_keep_mask(spec) if spec is not None and new else None  # a cached item was checked already
+        mask = KeepMask.decode(spec) if spec is not None and new else None  # a cached item was checked already
 
         with timing_ctx.record("apply_hf_processor"):
             if isinstance(inputs.prompt, str):
@@ -357,10 +363,10 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             cells = (grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
             masks = [torch.ones(c, dtype=torch.bool) for c in cells]
             if mask is not None:
-                _check_mask(mask, grid[0].tolist())
-                masks = [mask.flatten()]
-            processed[MASK_FIELD] = torch.cat(masks)
-            processed[KEY_FIELD] = torch.stack([image_key(key_src[i]) for i in to_process])
+                mask.check_cell_grid(cell_grid_of(grid[0]))
+                masks = [mask.flat()]
+            processed[KEEP_FIELD] = torch.cat(masks)
+            processed[IMAGE_KEY_FIELD] = torch.stack([image_key(key_src[i]) for i in to_process])
             built = MultiModalKwargsItems.from_hf_inputs(processed, self._get_mm_fields_config(processed, kwargs))["image"]
             for j, i in enumerate(to_process):
                 new_items[i], grids[i] = built[j], grid[j].tolist()
@@ -368,11 +374,11 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             if i in new_items:
                 continue
             grid = pixelless_grid[i]
-            _check_mask(mask, grid)
+            mask.check_cell_grid(cell_grid_of(grid))
             bf = BatchFeature({
                 "image_grid_thw": torch.tensor([grid]),
-                MASK_FIELD: mask.flatten(),
-                KEY_FIELD: image_key(key_src[i]).unsqueeze(0),
+                KEEP_FIELD: mask.flat(),
+                IMAGE_KEY_FIELD: image_key(key_src[i]).unsqueeze(0),
             })
             new_items[i] = MultiModalKwargsItems.from_hf_inputs(bf, self._get_mm_fields_config(bf, kwargs))["image"][0]
             self.stats["pixelless"] += 1
@@ -398,15 +404,6 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         for i in to_process:  # these items carried the pixels to the engine, under item_hashes[i]
             self._remember_carrier(h_img[i], grids[i], item_hashes[i])
         return prompt_ids, MultiModalProcessingInfo(mm_kwargs, {"image": item_hashes}, mm_prompt_updates), False
-
-
-def _check_mask(mask: torch.Tensor, grid: Sequence[int]) -> None:
-    rows, cols = int(grid[1]) // MERGE_SIZE, int(grid[2]) // MERGE_SIZE
-    if tuple(mask.shape) != (rows, cols):
-        raise ValueError(
-            f"keep mask grid {tuple(mask.shape)} != the processor's cell grid {(rows, cols)} for this image: "
-            "the client and vLLM resized the image differently (check min/max pixels)"
-        )
 
 
 def front_end_stats(llm) -> dict[str, int]:
@@ -593,8 +590,8 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     def embed_multimodal(self, **kwargs: object):
         """Image items with a keep mask: the kept rows of the full image's (cached) ViT output, one
         ``(K, hidden)`` tensor per item; anything else: the parent's ``embed_multimodal``."""
-        masks = kwargs.pop(MASK_FIELD, None)
-        keys = kwargs.pop(KEY_FIELD, None)
+        masks = kwargs.pop(KEEP_FIELD, None)
+        keys = kwargs.pop(IMAGE_KEY_FIELD, None)
         if masks is None:
             return super().embed_multimodal(**kwargs)
         grid = kwargs["image_grid_thw"]
@@ -618,7 +615,7 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         for f in feats:
             g = f.data["image_grid_thw"].data
             grids.append(g.tolist())
-            m = f.data[MASK_FIELD].data if MASK_FIELD in f.data else None
-            masks.append(None if m is None else m.view(int(g[1]) // MERGE_SIZE, int(g[2]) // MERGE_SIZE).bool())
+            m = f.data[KEEP_FIELD].data if KEEP_FIELD in f.data else None
+            masks.append(None if m is None else KeepMask.from_flat(m, cell_grid_of(g)))
         pos = mrope_position_ids(torch.tensor(input_tokens), grids, self.config.image_token_id, masks)
         return pos, int(pos.max()) + 1 - len(input_tokens)

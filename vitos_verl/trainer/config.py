@@ -39,6 +39,13 @@ class ViToSConfig:
             ``ceil(min_keep_ratio * cells)`` cells, at least one, no margin, at the image centre;
             same feedback) or ``no_feedback`` (full image, no feedback). Never IoU or format
             credit; keep ratio charged 1.0 (:data:`vitos_verl.rewards.score.UNPARSED_BOX_RULES`).
+        grounding_max_pixels: pixel budget of the grounding stream's image (low-resolution
+            grounding, beyond the paper; issue 11 item 3), or None (the default, the paper's
+            method): the grounding stream sees the image at ``data.max_pixels`` like the reasoning
+            stream. When set, the grounding prompt's image is resized to this smaller budget, its
+            boxes (and the IoU reward) are in that frame, and each box is mapped through original
+            pixels (:func:`vitos_verl.pruning.map_box`) onto the full-budget cell grid, whose kept
+            tokens the reasoning stream answers from.
         reward_timeout_s: seconds one reward call may take; past it the sample scores 0 and
             counts as failed (:mod:`vitos_verl.rewards.guard`).
         optim_steps: optimiser steps per PPO epoch of each stream's update, ``{grounding: int |
@@ -62,6 +69,7 @@ class ViToSConfig:
     iou_mode: str = "best"
     unparsed_box: str = "keep_all"
     reward_timeout_s: float = 30.0
+    grounding_max_pixels: int | None = None
     optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
 
     def __post_init__(self) -> None:
@@ -95,6 +103,9 @@ class ViToSConfig:
         for name in ("w_iou", "w_fb", "w_fmt", "w_keep"):
             if getattr(self, name) < 0:
                 raise ValueError(f"vitos.{name}={getattr(self, name)} must be >= 0 (w_keep is subtracted)")
+        g = self.grounding_max_pixels
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 28 * 28):
+            raise ValueError(f"vitos.grounding_max_pixels={g!r} must be null or an integer >= 784 (one 28x28 cell)")
         if not self.reward_timeout_s > 0:
             raise ValueError(f"vitos.reward_timeout_s={self.reward_timeout_s} must be > 0 (seconds one reward call may take)")
 
@@ -124,6 +135,23 @@ class ViToSConfig:
         if unknown:
             raise ValueError(f"unknown vitos config keys {unknown}; known: {sorted(known)}")
         return cls(**cfg)
+
+    def grounding_pixels(self, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        """``(min_pixels, max_pixels)`` of the grounding stream's image: the data's budget, or the
+        low-resolution one (``grounding_max_pixels``; ``min_pixels`` clipped to it).
+
+        Raises:
+            ValueError: ``grounding_max_pixels`` above ``max_pixels`` (it would upsample).
+        """
+        g = self.grounding_max_pixels
+        if g is None:
+            return min_pixels, max_pixels
+        if g > max_pixels:
+            raise ValueError(
+                f"vitos.grounding_max_pixels={g} exceeds data.max_pixels={max_pixels}: low-resolution grounding "
+                "needs a smaller budget than the reasoning stream's"
+            )
+        return min(min_pixels, g), g
 
     def reward_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
         """Keyword arguments of :func:`vitos_verl.rewards.compute_score` for this config."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitos_verl.pruning import geometry_from_grid, image_geometry
+from vitos_verl.pruning import KeepMask, geometry_from_grid, image_geometry, map_box
 from vitos_verl.rewards.boxes import parse_boxes, union_box
 from vitos_verl.rewards.guard import GUARDED_KEYS, guard_reward_fn, guarded_compute_score
 from vitos_verl.trainer.config import ViToSConfig
@@ -98,14 +98,21 @@ class ReasoningPlan:
     Attributes:
         box_index: ``(N_r,)`` int, the grounding sample each reasoning sample's box came from.
         raw_prompt: ``(N_r,)`` object, the reasoning chats (the crop replaces the image in crop mode).
-        vitos_keep: ``(N_r,)`` object, the encoded keep mask or ``""`` (full image) per sample.
+        vitos_keep: ``(N_r,)`` object, the request's encoded keep mask per sample
+            (:meth:`~vitos_verl.pruning.KeepMask.encode`; :data:`~vitos_verl.pruning.KEEP_ALL`,
+            ``""``, for the full image).
         keep_ratio: ``(N_r,)`` float, visual tokens the reasoning sample sees over the image's.
         parsed: ``(N_g,)`` bool, whether each grounding output held a box.
         grounding_texts: the ``N_g`` decoded grounding responses the boxes came from.
-        boxes: ``N_g`` parsed boxes (the union of an output's boxes) ``[x1, y1, x2, y2]`` in
-            *resized* pixels, or None where an output held no box on the image.
-        keep_masks: ``N_g`` bool ``(rows, cols)`` masks over the full image's cells: what the
-            reasoning samples of each box see (``keep_ratio`` is their mean; all True unpruned).
+        boxes: ``N_g`` parsed boxes (the union of an output's boxes) ``[x1, y1, x2, y2]`` in the
+            *grounding* stream's resized pixels (what the model emitted), or None where an output
+            held no box on the image.
+        keep_masks: ``N_g`` :class:`~vitos_verl.pruning.KeepMask` over the full image's cells in
+            the *reasoning* frame: what the reasoning samples of each box see (all cells unpruned).
+            Built once here; the grounding reward reads ``keep_masks[i].ratio`` through
+            ``extra_info["keep_ratio"]`` (:meth:`grounding_keep_ratios`).
+        reasoning_grids: ``N_g`` ``image_grid_thw`` rows ``(t, h, w)`` of the reasoning frame
+            (the grounding grids unless low-resolution grounding is on).
     """
 
     box_index: np.ndarray
@@ -115,7 +122,14 @@ class ReasoningPlan:
     parsed: np.ndarray
     grounding_texts: list[str]
     boxes: list[list[float] | None] = field(default_factory=list)
-    keep_masks: list[torch.Tensor] = field(default_factory=list)
+    keep_masks: list[KeepMask] = field(default_factory=list)
+    reasoning_grids: list[list[int]] = field(default_factory=list)
+
+    def grounding_keep_ratios(self) -> np.ndarray:
+        """``(N_g,)`` float64: each box's keep ratio as the grounding reward charges it: its mask's
+        ratio where the output held a box, 1.0 where it did not (whatever ``unparsed_box`` showed
+        the answers; :func:`vitos_verl.rewards.score.grounding_score`)."""
+        return np.asarray([m.ratio if p else 1.0 for m, p in zip(self.keep_masks, self.parsed)], dtype=np.float64)
 
 
 def plan_reasoning(
@@ -125,17 +139,23 @@ def plan_reasoning(
     reasoning_chats: Sequence[Sequence[Mapping[str, Any]]],
     cfg: ViToSConfig,
     n_r: int | None = None,
+    reasoning_grids: Sequence[Sequence[int]] | None = None,
 ) -> ReasoningPlan:
     """Boxes → keep masks → ``n_r`` reasoning inputs per grounding sample (docs/design.md section 1, items 2-3).
 
     Args:
         grounding_texts: ``N_g`` decoded grounding responses.
-        grids: ``N_g`` ``image_grid_thw`` rows ``(t, h, w)`` of the full image each sample saw.
+        grids: ``N_g`` ``image_grid_thw`` rows ``(t, h, w)`` of the image each grounding sample saw
+            (the frame its boxes are in).
         image_sizes: ``N_g`` original ``(W, H)`` in pixels.
         reasoning_chats: ``N_g`` reasoning chats (same image as the grounding prompt).
         cfg: the ``vitos`` config (``prune_mode``, ``box_format``, ``margin_cells``, ``min_keep_ratio``,
             ``unparsed_box``).
         n_r: answers per box (default ``cfg.n_r``; validation uses 1).
+        reasoning_grids: ``N_g`` grids of the reasoning stream's image when it differs from the
+            grounding one (low-resolution grounding, ``vitos.grounding_max_pixels``): each box is
+            mapped onto it through original pixels (:func:`vitos_verl.pruning.map_box`) before its
+            cells are kept. Default: ``grids``.
 
     Returns:
         A :class:`ReasoningPlan` of ``N_g * n_r`` samples, grouped by grounding sample.
@@ -146,26 +166,29 @@ def plan_reasoning(
         ValueError: mismatched lengths, or a crop-mode chat without an image.
     """
     n_r = cfg.n_r if n_r is None else n_r
-    if not len(grounding_texts) == len(grids) == len(image_sizes) == len(reasoning_chats):
+    reasoning_grids = grids if reasoning_grids is None else reasoning_grids
+    if not len(grounding_texts) == len(grids) == len(image_sizes) == len(reasoning_chats) == len(reasoning_grids):
         raise ValueError("grounding texts, grids, image sizes and reasoning chats must have one entry per sample")
     idx, prompts, keeps, ratios, parsed, unions, masks = [], [], [], [], [], [], []
-    for i, (text, grid, size, chat) in enumerate(zip(grounding_texts, grids, image_sizes, reasoning_chats)):
-        geom = geometry_from_grid(grid, orig_size=(int(size[0]), int(size[1])))
-        boxes = parse_boxes(text, box_format=cfg.box_format, image_size=geom.resized_size)
+    for i, (text, grid, r_grid, size, chat) in enumerate(zip(grounding_texts, grids, reasoning_grids, image_sizes, reasoning_chats)):
+        orig = (int(size[0]), int(size[1]))
+        g_geom = geometry_from_grid(grid, orig_size=orig)
+        r_geom = geometry_from_grid(r_grid, orig_size=orig)
+        boxes = parse_boxes(text, box_format=cfg.box_format, image_size=g_geom.resized_size)
         box = union_box(boxes) if boxes else None
         parsed.append(box is not None)
         unions.append([float(v) for v in box] if box is not None else None)
         image = image_of(chat)
         if image is None and cfg.prune_mode == "crop":
             raise ValueError(f"sample {i}: crop mode needs the reasoning chat's image")
-        ri = reasoning_input(cfg.prune_mode, image, geom, box, cfg.margin_cells, cfg.min_keep_ratio, cfg.unparsed_box)
-        keep = ri.mm_processor_kwargs.get("vitos_keep", "") if not bool(ri.keep_mask.all()) else ""
+        r_box = map_box(box, g_geom, r_geom) if box is not None else None
+        ri = reasoning_input(cfg.prune_mode, image, r_geom, r_box, cfg.margin_cells, cfg.min_keep_ratio, cfg.unparsed_box)
         masks.append(ri.keep_mask)
         prompt = replace_image(chat, ri.image) if cfg.prune_mode == "crop" else chat
         for _ in range(n_r):
             idx.append(i)
             prompts.append(prompt)
-            keeps.append(keep)
+            keeps.append(ri.vitos_keep)
             ratios.append(ri.keep_ratio)
     raw = np.empty(len(prompts), dtype=object)
     raw[:] = prompts
@@ -178,6 +201,7 @@ def plan_reasoning(
         list(grounding_texts),
         unions,
         masks,
+        [list(int(v) for v in g) for g in reasoning_grids],
     )
 
 
@@ -232,13 +256,16 @@ def grounding_rewards(
     answer_acc: Sequence[float],
     box_index: Sequence[int],
     reward_fn: Callable[..., Mapping[str, Any]] | Mapping[str, Any],
+    keep_ratios: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Grounding rewards with cross-feedback (docs/design.md section 1, items 4-5).
 
     The accuracy of the answers made from each box (:func:`cross_feedback`) goes into that
     box's ``extra_info["feedback_acc"]`` (with ``extra_info["stream"] = "grounding"``), and the
     reward function does the rest (for the built-in one: IoU where the row has boxes, format,
-    keep ratio). Pass only the answers that did not fail.
+    keep ratio). Pass only the answers that did not fail. ``keep_ratios`` (``(N_g,)``, the plan's
+    :meth:`ReasoningPlan.grounding_keep_ratios`) go into ``extra_info["keep_ratio"]``, so the
+    reward charges the mask the planner built instead of building it again.
 
     Args:
         reward_fn: the configured function as :func:`configured_reward_fn` returns it (called
@@ -259,9 +286,13 @@ def grounding_rewards(
             return guarded_compute_score(**kw, **kwargs)
 
     fb = cross_feedback(answer_acc, box_index, len(texts))
+    planned = [{} for _ in texts] if keep_ratios is None else [{"keep_ratio": float(k)} for k in keep_ratios]
     rows = [
-        reward_fn(data_source=ds, solution_str=t, ground_truth=gt, extra_info={**dict(e or {}), "stream": "grounding", "feedback_acc": float(f)})
-        for ds, t, gt, e, f in zip(data_sources, texts, ground_truths, extra_infos, fb)
+        reward_fn(
+            data_source=ds, solution_str=t, ground_truth=gt,
+            extra_info={**dict(e or {}), "stream": "grounding", "feedback_acc": float(f), **k},
+        )
+        for ds, t, gt, e, f, k in zip(data_sources, texts, ground_truths, extra_infos, fb, planned)
     ]
     return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in GUARDED_KEYS}
 

@@ -59,6 +59,7 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
+from vitos_verl.pruning import KEEP_ALL, KEEP_KWARG, image_geometry
 from vitos_verl.rewards.score import SCORE_KEYS
 from vitos_verl.rollout.agent_loop import AGENT_NAME
 from vitos_verl.trainer.checkpoint import check_resume, save_with_atomic_tracker
@@ -80,6 +81,7 @@ from vitos_verl.trainer.optim_steps import LR_STEP_KEY, MINI_BATCH_KEY, mini_bat
 from vitos_verl.trainer.perf import step_perf_metrics, stream_perf_metrics
 from vitos_verl.trainer.rollout_dump import GenerationDumps
 from vitos_verl.trainer.streams import update_stages
+from vitos_verl.trainer.vit_cache_metrics import vit_cache_step_metrics
 
 _META_KEYS = ("data_source", "reward_model", "extra_info", "uid")
 
@@ -118,13 +120,15 @@ class ViToSRayTrainer(RayPPOTrainer):
             int(self.config.data.train_batch_size), int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size)
         )
         self.min_pixels, self.max_pixels = int(self.train_dataset.min_pixels), int(self.train_dataset.max_pixels)
+        self.vitos.grounding_pixels(self.min_pixels, self.max_pixels)  # raises for a budget above max_pixels
         check_reward_kwargs(self.config)
         # the configured reward function, as verl's reward loop loads it for the reasoning stream
         self.reward_fn = configured_reward_fn(self.config)
         # rollout/validation JSONL and the validation table (verl's _dump_generations and
         # _maybe_log_val_generations, per stream)
         self.dumps = GenerationDumps.from_config(
-            self.config, self.tokenizer, self.min_pixels, self.max_pixels, verl_logger=self.validation_generations_logger
+            self.config, self.tokenizer, *self.vitos.grounding_pixels(self.min_pixels, self.max_pixels),
+            verl_logger=self.validation_generations_logger,
         )
 
     # ------------------------------------------------------------------ rollout
@@ -141,7 +145,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         non_tensor = {
             "raw_prompt": _object_array(raw_prompt),
             "agent_name": np.array([AGENT_NAME] * n, dtype=object),
-            "vitos_keep": _object_array(vitos_keep),
+            KEEP_KWARG: _object_array(vitos_keep),
             "index": np.arange(n),
             **meta,
         }
@@ -167,8 +171,12 @@ class ViToSRayTrainer(RayPPOTrainer):
         nt = batch.non_tensor_batch
         if "raw_reasoning_prompt" not in nt:
             raise ValueError("dataset rows need the reasoning chat (column reasoning_prompt; see data_prep)")
-        sizes = resized_sizes(nt["extra_info"], self.min_pixels, self.max_pixels)
-        info = [{**dict(e), "resized_size": s} for e, s in zip(nt["extra_info"], sizes)]
+        # frames: the grounding stream's (grounding_max_pixels: low-resolution grounding) and the reasoning one's
+        g_min, g_max = self.vitos.grounding_pixels(self.min_pixels, self.max_pixels)
+        g_sizes = resized_sizes(nt["extra_info"], g_min, g_max)
+        r_sizes = resized_sizes(nt["extra_info"], self.min_pixels, self.max_pixels)
+        info = [{**dict(e), "resized_size": s} for e, s in zip(nt["extra_info"], g_sizes)]
+        r_info = [{**dict(e), "resized_size": s} for e, s in zip(nt["extra_info"], r_sizes)]
         meta_info = {"global_steps": self.global_steps, "validate": validate}
         if validate:
             meta_info.update(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
@@ -176,7 +184,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         meta_g = {k: nt[k][rows] for k in _META_KEYS if k != "extra_info"}
         meta_g["extra_info"] = with_stream([info[i] for i in rows], "grounding")
         with marked_timer("gen_grounding", timing, color="red"):
-            g_in = self._stream_input(nt["raw_prompt"][rows], meta_g, [""] * len(rows), meta_info)
+            g_in = self._stream_input(nt["raw_prompt"][rows], meta_g, [KEEP_ALL] * len(rows), meta_info)
             g_out = self._generate(g_in, timing, "gen_grounding")
         g = g_out
         g.non_tensor_batch.update(meta_g)
@@ -184,13 +192,17 @@ class ViToSRayTrainer(RayPPOTrainer):
 
         with marked_timer("prune", timing, color="yellow"):
             texts = self._decode(g)
-            grids = sample_grids(g.non_tensor_batch["multi_modal_inputs"], [info[i]["image_size"] for i in rows], self.min_pixels, self.max_pixels)
+            image_sizes = [info[i]["image_size"] for i in rows]
+            grids = sample_grids(g.non_tensor_batch["multi_modal_inputs"], image_sizes, g_min, g_max)
+            r_grids = None
+            if self.vitos.grounding_max_pixels is not None:
+                r_grids = [list(image_geometry(int(w), int(h), self.min_pixels, self.max_pixels).grid_thw) for w, h in image_sizes]
             chats = nt["raw_reasoning_prompt"][rows]
-            plan = plan_reasoning(texts, grids, [info[i]["image_size"] for i in rows], chats, self.vitos, n_r=n_r)
+            plan = plan_reasoning(texts, grids, image_sizes, chats, self.vitos, n_r=n_r, reasoning_grids=r_grids)
         r_rows = rows[plan.box_index]
         meta_r = {k: nt[k][r_rows] for k in _META_KEYS if k != "extra_info"}
         meta_r["extra_info"] = _object_array(
-            {**e, "keep_ratio": float(k)} for e, k in zip(with_stream([info[i] for i in r_rows], "reasoning"), plan.keep_ratio)
+            {**e, "keep_ratio": float(k)} for e, k in zip(with_stream([r_info[i] for i in r_rows], "reasoning"), plan.keep_ratio)
         )
         with marked_timer("gen_reasoning", timing, color="red"):
             r_in = self._stream_input(plan.raw_prompt, meta_r, plan.vitos_keep, meta_info)
@@ -219,6 +231,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             r_scores["acc"][ok],
             plan.box_index[ok],
             self.reward_fn,
+            keep_ratios=plan.grounding_keep_ratios(),
         )
         g.batch.pop("rm_scores", None)
         g.batch["token_level_scores"] = last_token_scores(g_scores["score"], g.batch["response_mask"])
@@ -319,6 +332,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
         with marked_timer("step", timing):
             g, r, plan = self.two_pass(batch, timing, self.vitos.n_g, self.vitos.n_r)
+            metrics.update(vit_cache_step_metrics(self))  # rollout/vit_cache/*, before the replicas sleep
             self.checkpoint_manager.sleep_replicas()
             with marked_timer("reward", timing, color="yellow"):
                 self._score_streams(g, r, plan)

@@ -44,10 +44,13 @@ One JSON object per sample, keys :data:`FIELDS`:
 * ``gt_boxes`` (original pixels, from the data) and ``gt_boxes_resized`` (resized pixels);
 * ``image_size`` (original ``[W, H]``), ``resized_size`` (``[W, H]``), ``grid_thw`` (the
   processor's ``[t, h, w]`` in 14-pixel patches; cells are 2x2 patches);
-* ``keep_mask``: :func:`vitos_verl.pruning.encode_keep_mask` text (``"<rows>x<cols>:<hex>"``) of
+* ``keep_mask``: :meth:`vitos_verl.pruning.KeepMask.encode` text (``"<rows>x<cols>:<hex>"``) of
   the cells the box's reasoning samples see, from the reasoning plan
   (:class:`vitos_verl.trainer.dual_stream.ReasoningPlan`); on both streams' lines, every cell when
-  unpruned. For reasoning lines ``keep_ratio`` is its fraction of the cells.
+  unpruned. For reasoning lines ``keep_ratio`` is its fraction of the cells. The mask is over the
+  reasoning frame's cells: the grid of ``grid_thw`` (the grounding frame, that of ``box``) unless
+  low-resolution grounding is on (``vitos.grounding_max_pixels``), when ``R x C`` of the text
+  are the full-budget grid (:func:`vitos_verl.pruning.map_box` maps ``box`` onto it).
 
 Writing never stops training: an exception while building or writing a file is logged and
 counted, and the counts are logged as ``dump/errors`` (and ``dump/rows`` written) with each
@@ -68,7 +71,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitos_verl.eval.overlay import DATA_FILES, draw_rollout
-from vitos_verl.pruning import box_to_original, box_to_resized, encode_keep_mask, geometry_from_grid
+from vitos_verl.pruning import KeepMask, box_to_original, box_to_resized, geometry_from_grid
 from vitos_verl.rewards.score import SCORE_KEYS
 from vitos_verl.trainer.dual_stream import sample_grids
 from vitos_verl.trainer.faults import ERROR_KEY, FAILED_KEY
@@ -201,7 +204,7 @@ def stream_rows(
                 "image_size": size,
                 "resized_size": list(geom.resized_size),
                 "grid_thw": grid,
-                "keep_mask": encode_keep_mask(plan.keep_masks[bi]),
+                "keep_mask": plan.keep_masks[bi].encode(),
             }
             rows.append(row)
         out[stream] = rows
@@ -430,14 +433,13 @@ def check_row(row: Mapping[str, Any]) -> None:
     Raises:
         AssertionError: the first inconsistency.
     """
-    from vitos_verl.pruning import decode_keep_mask
-
     missing = [k for k in FIELDS if k not in row]
     assert not missing, f"missing keys {missing}"
     geom = geometry_from_grid(row["grid_thw"], orig_size=tuple(row["image_size"]))
     assert list(geom.resized_size) == row["resized_size"], (geom.resized_size, row["resized_size"])
-    mask = decode_keep_mask(row["keep_mask"])
-    assert tuple(mask.shape) == geom.cell_grid, (tuple(mask.shape), geom.cell_grid)
+    mask = KeepMask.decode(row["keep_mask"])
+    if geom.cell_grid != mask.cell_grid:  # low-resolution grounding: the mask is on the larger reasoning grid
+        assert all(m >= g for m, g in zip(mask.cell_grid, geom.cell_grid)), (mask.cell_grid, geom.cell_grid)
     if row["box"] is None:
         assert row["box_original"] is None
     else:
@@ -447,7 +449,7 @@ def check_row(row: Mapping[str, Any]) -> None:
     if row["stream"] == "grounding":
         assert bool(row["parsed"]) == (row["box"] is not None), (row["parsed"], row["box"])
     else:
-        assert abs(float(mask.float().mean()) - row["keep_ratio"]) < 1e-6, (row["keep_ratio"], float(mask.float().mean()))
+        assert abs(mask.ratio - row["keep_ratio"]) < 1e-6, (row["keep_ratio"], mask.ratio)
 
 
 __all__ = [

@@ -11,20 +11,14 @@ plus the cross-feedback that couples the two streams.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vitos_verl.pruning import (
-    ImageGeometry,
-    box_to_keep_mask,
-    crop_box,
-    encode_keep_mask,
-    keep_ratio,
-)
+from vitos_verl.pruning import KEEP_ALL, KEEP_KWARG, ImageGeometry, KeepMask, crop_box
 from vitos_verl.rewards.score import UNPARSED_BOX_RULES
 
 STREAM_ORDERS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -51,36 +45,44 @@ class ReasoningInput:
 
     Attributes:
         image: the image the reasoning prompt carries (the original, or the crop).
-        keep_mask: bool ``(rows, cols)`` over the *original* image's cells (all True if unpruned).
-        mm_processor_kwargs: what the vLLM request carries (``{"vitos_keep": ...}`` for tokens).
-        keep_ratio: fraction of the original image's visual tokens the reasoning stream sees
-            (for crop: the crop's cells over the image's cells).
+        keep_mask: the :class:`~vitos_verl.pruning.KeepMask` over the *original* image's cells in
+            the reasoning frame: the cells the answer sees (the crop's rectangle in crop mode;
+            every cell unpruned). ``keep_mask.ratio`` is the keep ratio.
+        vitos_keep: what the vLLM request carries as ``mm_processor_kwargs[KEEP_KWARG]``: the
+            mask's text in token mode, :data:`~vitos_verl.pruning.KEEP_ALL` otherwise.
     """
 
     image: Image.Image
-    keep_mask: torch.Tensor
-    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
-    keep_ratio: float = 1.0
+    keep_mask: KeepMask
+    vitos_keep: str = KEEP_ALL
+
+    @property
+    def keep_ratio(self) -> float:
+        """Fraction of the original image's visual tokens the reasoning stream sees."""
+        return self.keep_mask.ratio
+
+    @property
+    def mm_processor_kwargs(self) -> dict[str, Any]:
+        """The request's ``mm_processor_kwargs`` (empty when nothing is pruned)."""
+        return {KEEP_KWARG: self.vitos_keep} if self.vitos_keep else {}
 
 
-PruneFn = Callable[[Image.Image, ImageGeometry, torch.Tensor], ReasoningInput]
+PruneFn = Callable[[Image.Image, ImageGeometry, KeepMask], ReasoningInput]
 
 
-def _tokens(image: Image.Image, geom: ImageGeometry, mask: torch.Tensor) -> ReasoningInput:
-    return ReasoningInput(image, mask, {"vitos_keep": encode_keep_mask(mask)}, keep_ratio(mask))
+def _tokens(image: Image.Image, geom: ImageGeometry, mask: KeepMask) -> ReasoningInput:
+    return ReasoningInput(image, mask, mask.request_value())
 
 
-def _crop(image: Image.Image, geom: ImageGeometry, mask: torch.Tensor) -> ReasoningInput:
-    from vitos_verl.pruning import mask_bounds
-
-    r0, r1, c0, c1 = mask_bounds(mask)
-    rect = torch.zeros_like(mask)
+def _crop(image: Image.Image, geom: ImageGeometry, mask: KeepMask) -> ReasoningInput:
+    r0, r1, c0, c1 = mask.bounds()
+    rect = torch.zeros(mask.cell_grid, dtype=torch.bool)
     rect[r0:r1, c0:c1] = True  # the crop sees the whole rectangle of the kept cells
-    return ReasoningInput(image.crop(crop_box(mask, geom)), rect, {}, keep_ratio(rect))
+    return ReasoningInput(image.crop(crop_box(mask, geom)), KeepMask(rect))
 
 
-def _none(image: Image.Image, geom: ImageGeometry, mask: torch.Tensor) -> ReasoningInput:
-    return ReasoningInput(image, torch.ones_like(mask), {}, 1.0)
+def _none(image: Image.Image, geom: ImageGeometry, mask: KeepMask) -> ReasoningInput:
+    return ReasoningInput(image, KeepMask.keep_all(mask.cell_grid))
 
 
 PRUNE_MODES: dict[str, PruneFn] = {"tokens": _tokens, "crop": _crop, "none": _none}
@@ -116,8 +118,7 @@ def reasoning_input(
     if box_resized is None and unparsed_box == "keep_min":
         cx, cy = geom.resized_size[0] / 2, geom.resized_size[1] / 2
         box_resized, margin_cells = [cx, cy, cx, cy], 0  # a point: the cell that holds it, then growth
-    mask = box_to_keep_mask(box_resized, geom.cell_grid, margin_cells, min_keep_ratio)
-    return PRUNE_MODES[mode](image, geom, mask)
+    return PRUNE_MODES[mode](image, geom, KeepMask.from_box(box_resized, geom.cell_grid, margin_cells, min_keep_ratio))
 
 
 def cross_feedback(answer_acc: Sequence[float], answer_box: Sequence[int], n_boxes: int) -> np.ndarray:
