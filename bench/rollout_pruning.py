@@ -40,7 +40,7 @@ shared machines are noisy: use ``--repeats`` and read the medians.
 
     python bench/rollout_pruning.py --questions 4                       # tiny model, CPU, minutes
     python bench/rollout_pruning.py --model 7b-shape --questions 32 --answer-tokens 512 --max-pixels 1003520
-    python bench/rollout_pruning.py --mode eval --model 7b-shape --grounding-max-pixels 1003520 --max-pixels 4194304
+    python bench/rollout_pruning.py --mode eval --model 7b-shape --image-size 2048 --max-pixels 4194304 --grounding-max-pixels 1003520
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ def resolve_model(name: str, max_pixels: int | None) -> tuple[Path, str | None]:
 
 
 # --------------------------------------------------------------------------- questions and masks
-def load_questions(parquet: Path, num: int, processor) -> list[dict]:
-    """``num`` questions on distinct SLAKE test images that have GT boxes."""
+def load_questions(parquet: Path, num: int, processor, image_size: int | None = None) -> list[dict]:
+    """``num`` questions on distinct SLAKE test images that have GT boxes; with ``image_size``
+    each image is resized (bicubic) to ``image_size x image_size`` original pixels and its box with it
+    (the issue's 2048x2048 measurement: SLAKE's own images are about 512 px)."""
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -163,6 +165,10 @@ def load_questions(parquet: Path, num: int, processor) -> list[dict]:
         image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
         gt = info["gt_boxes"]
         box = [min(b[0] for b in gt), min(b[1] for b in gt), max(b[2] for b in gt), max(b[3] for b in gt)]
+        if image_size:
+            sx, sy = image_size / image.size[0], image_size / image.size[1]
+            image = image.resize((image_size, image_size), Image.BICUBIC)
+            box = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
         geom = image_geometry(*image.size, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
         out.append({
             "image": image,
@@ -439,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", type=int, default=4, help="questions on distinct images")
     p.add_argument("--max-pixels", type=int, default=None, help="image budget of the processor (default: the model's)")
     p.add_argument("--grounding-max-pixels", type=int, default=None, help="eval: also time a low-resolution grounding pass")
+    p.add_argument("--image-size", type=int, default=None, help="resize every image to SxS original pixels (e.g. 2048)")
     p.add_argument("--n-g", type=int, default=4, help="grounding samples (boxes) per question")
     p.add_argument("--n-r", type=int, default=2, help="answers per box")
     p.add_argument("--keep", type=float, default=0.77, help="keep ratio of the reasoning masks")
@@ -465,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.data.exists():
         raise SystemExit(f"{a.data} missing: run `make data` first")
     b = Bench(a, model, load_format)
-    qs = load_questions(a.data, a.questions, b.processor)
+    qs = load_questions(a.data, a.questions, b.processor, a.image_size)
     masks = Masks(a.seed)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"model={a.model} ({model}) device={dev} questions={len(qs)} visual_tokens="

@@ -100,7 +100,7 @@ def _check_dumps(run_dir: Path, metrics: dict[int, dict], logs: str, env: dict) 
     import numpy as np
     from PIL import Image
 
-    from vitos_verl.pruning import decode_keep_mask
+    from vitos_verl.pruning import KeepMask
     from vitos_verl.trainer.rollout_dump import FIELDS, TABLE_COLUMNS, check_row, read_jsonl
 
     for name, n in (("grounding", 4 * 2), ("reasoning", 4 * 2 * 2)):
@@ -112,7 +112,7 @@ def _check_dumps(run_dir: Path, metrics: dict[int, dict], logs: str, env: dict) 
                 check_row(r)
                 assert isinstance(r["advantage"], float) and r["data_source"] in ("slake", "vqa_rad")
             if name == "reasoning":  # the logged keep ratio is the mean of the masks the answers saw
-                kept = np.mean([decode_keep_mask(r["keep_mask"]).float().mean().item() for r in rows])
+                kept = np.mean([KeepMask.decode(r["keep_mask"]).ratio for r in rows])
                 assert kept == pytest.approx(metrics[step]["vitos/keep_ratio"], abs=1e-6)
             assert metrics[step]["dump/errors"] == 0 and metrics[step]["dump/rows"] >= 4 * 2 * 3
         val = read_jsonl(run_dir / "validation" / f"val_2_{name}.jsonl")
@@ -143,7 +143,7 @@ def _serve_one_pruned_request(hf_dir: Path, data_parquet: Path, env: dict, tmp: 
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from vitos_verl.pruning import box_to_keep_mask, encode_keep_mask, image_geometry
+    from vitos_verl.pruning import KEEP_KWARG, KeepMask, image_geometry
 
     row = pq.read_table(data_parquet).slice(0, 1).to_pylist()[0]
     image = Image.open(_io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
@@ -177,9 +177,9 @@ def _serve_one_pruned_request(hf_dir: Path, data_parquet: Path, env: dict, tmp: 
         lo, hi = processor_pixel_budget(AutoProcessor.from_pretrained(hf_dir))
         geom = image_geometry(*image.size, lo, hi)
         w, h = geom.resized_size
-        mask = box_to_keep_mask([0, 0, w / 2, h / 2], geom.cell_grid)
-        out = {"visual_tokens": geom.num_tokens, "kept": int(mask.sum())}
-        for name, extra in (("full", {}), ("pruned", {"mm_processor_kwargs": {"vitos_keep": encode_keep_mask(mask)}})):
+        mask = KeepMask.from_box([0, 0, w / 2, h / 2], geom.cell_grid)
+        out = {"visual_tokens": geom.num_tokens, "kept": mask.num_kept}
+        for name, extra in (("full", {}), ("pruned", {"mm_processor_kwargs": {KEEP_KWARG: mask.request_value()}})):
             body = {"model": str(hf_dir), "max_tokens": 4, "temperature": 0,
                     "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                               {"type": "text", "text": row["extra_info"]["question"]}]}],

@@ -31,15 +31,10 @@ REPLY = "<box>[10, 10, 60, 60]</box>"
 
 
 def _encode(cells: torch.Tensor) -> str:
-    """The keep mask's text form (``vitos_keep``), with either pruning API."""
-    try:
-        from vitos_verl.pruning import KeepMask
+    """The keep mask's text form (``vitos_keep``)."""
+    from vitos_verl.pruning import KeepMask
 
-        return KeepMask(cells).encode()
-    except ImportError:
-        from vitos_verl.pruning import encode_keep_mask
-
-        return encode_keep_mask(cells)
+    return KeepMask(cells).encode()
 
 
 class _Done:

@@ -188,12 +188,7 @@ async def _make_task():
 
 
 def _encode(cells) -> str:
-    """The keep mask's text form (``vitos_keep``), with either pruning API."""
-    try:
-        from vitos_verl.pruning import KeepMask
+    """The keep mask's text form (``vitos_keep``)."""
+    from vitos_verl.pruning import KeepMask
 
-        return KeepMask(cells).encode()
-    except ImportError:
-        from vitos_verl.pruning import encode_keep_mask
-
-        return encode_keep_mask(cells)
+    return KeepMask(cells).encode()
