@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
-from vitos_verl.pruning import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from vitos_verl.pruning import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, grounding_budget
 
 
 def processor_pixel_budget(processor) -> tuple[int, int]:
@@ -43,9 +43,10 @@ class ViToSDataset(RLHFDataset):
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         g = config.get("grounding_max_pixels")
-        self.grounding_max_pixels = int(g) if g is not None else None
-        if self.grounding_max_pixels is not None and not 28 * 28 <= self.grounding_max_pixels <= self.max_pixels:
-            raise ValueError(f"data.grounding_max_pixels={g} must be in [784, max_pixels={self.max_pixels}]")
+        # the grounding chat's budget: (min_pixels, max_pixels) unless low-resolution grounding is on
+        self.grounding_min_pixels, self.grounding_max_pixels = grounding_budget(
+            self.min_pixels, self.max_pixels, None if g is None else int(g)
+        )
         self.reasoning_prompt_key = str(config.get("reasoning_prompt_key") or "reasoning_prompt")
         super().__init__(data_files, tokenizer, config, processor, max_samples)
 
@@ -57,8 +58,8 @@ class ViToSDataset(RLHFDataset):
     def _build_messages(self, example: dict, key: str):
         messages = super()._build_messages(example, key)
         lo, hi = self.min_pixels, self.max_pixels
-        if key == self.prompt_key != self.reasoning_prompt_key and self.grounding_max_pixels is not None:
-            lo, hi = min(lo, self.grounding_max_pixels), self.grounding_max_pixels
+        if key == self.prompt_key != self.reasoning_prompt_key:  # the grounding chat
+            lo, hi = self.grounding_min_pixels, self.grounding_max_pixels
         for m in messages:
             if isinstance(m.get("content"), list):
                 for part in m["content"]:

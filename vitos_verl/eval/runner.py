@@ -49,6 +49,7 @@ from vitos_verl.pruning import (
     KeepMask,
     box_to_original,
     box_to_resized,
+    grounding_budget,
     image_geometry,
     map_box,
 )
@@ -408,7 +409,7 @@ class Evaluator:
         if g is None:
             return item.geom
         w, h = item.geom.orig_size
-        return image_geometry(w, h, min(self.min_pixels, int(g)), int(g))
+        return image_geometry(w, h, *grounding_budget(self.min_pixels, self.max_pixels, int(g)))
 
     def _ground(self, items: list[Item]) -> list[dict]:
         """The grounding pass of ``vitos``: each question's box, keep mask and pass statistics.

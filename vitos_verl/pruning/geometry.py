@@ -91,6 +91,30 @@ def image_geometry(
     return ImageGeometry((int(width), int(height)), (rw, rh), (1, rh // PATCH_SIZE, rw // PATCH_SIZE))
 
 
+def grounding_budget(min_pixels: int, max_pixels: int, grounding_max_pixels: int | None) -> tuple[int, int]:
+    """``(min_pixels, max_pixels)`` of the grounding stream's image under low-resolution grounding.
+
+    ``grounding_max_pixels=None`` (the paper's method) gives the data's budget unchanged; else the
+    smaller budget, with ``min_pixels`` clipped to it (issue 11 item 3; used by the dataset, the
+    trainer's config and the evaluation harness).
+
+    Raises:
+        ValueError: ``grounding_max_pixels`` below one 28x28 cell or above ``max_pixels`` (it
+            would upsample the grounding image beyond the reasoning stream's).
+    """
+    if grounding_max_pixels is None:
+        return int(min_pixels), int(max_pixels)
+    g = int(grounding_max_pixels)
+    if g > max_pixels:
+        raise ValueError(
+            f"grounding_max_pixels={g} exceeds data.max_pixels={max_pixels}: low-resolution grounding needs a "
+            "smaller budget than the reasoning stream's"
+        )
+    if g < CELL * CELL:
+        raise ValueError(f"grounding_max_pixels={g} is below one {CELL}x{CELL} cell ({CELL * CELL} pixels)")
+    return min(int(min_pixels), g), g
+
+
 def geometry_from_grid(grid_thw: Sequence[int] | torch.Tensor, orig_size: tuple[int, int] | None = None) -> ImageGeometry:
     """Geometry from a processor's ``image_grid_thw`` row ``(t, h, w)`` (patches)."""
     t, h, w = (int(v) for v in grid_thw)

@@ -205,11 +205,3 @@ class KeepMask:
     def __repr__(self) -> str:
         rows, cols = self.cell_grid
         return f"KeepMask({rows}x{cols}, kept={self.num_kept}, ratio={self.ratio:.3f})"
-
-
-def as_cells(mask: KeepMask | torch.Tensor | None) -> torch.Tensor | None:
-    """The bool ``(rows, cols)`` grid of a mask given as :class:`KeepMask` or tensor (None stays None)."""
-    if mask is None or isinstance(mask, torch.Tensor):
-        return mask
-    return mask.cells
-

@@ -13,39 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from vitos_verl.pruning import MERGE_SIZE, kept_token_indices
+from vitos_verl.pruning import MERGE_SIZE
 
 DEDUP_ENV = "VITOS_ACTOR_VIT_DEDUP"
-
-
-def kept_rows(
-    image_embeds: torch.Tensor, image_grid_thw: torch.Tensor, keep_masks: Sequence[torch.Tensor | None]
-) -> torch.Tensor:
-    """Rows of the merged vision-encoder output that the keep masks keep.
-
-    Args:
-        image_embeds: ``(sum_i N_i, D)`` float, the images' LLM visual tokens concatenated
-            (``N_i = t * h * w / 4`` for ``image_grid_thw[i] = (t, h, w)``), as returned by
-            Qwen2.5-VL's ``get_image_features``.
-        image_grid_thw: ``(num_images, 3)`` long, patches.
-        keep_masks: per image a ``KeepMask`` or bool ``(rows, cols)`` mask, or None to keep all.
-
-    Returns:
-        ``(sum_i K_i, D)``, same dtype/device as ``image_embeds``.
-
-    Raises:
-        ValueError: sizes that do not add up.
-    """
-    sizes = (image_grid_thw.prod(-1) // (MERGE_SIZE * MERGE_SIZE)).tolist()
-    if sum(sizes) != image_embeds.shape[0]:
-        raise ValueError(f"{image_embeds.shape[0]} embedding rows for grids totalling {sum(sizes)} tokens")
-    if len(keep_masks) != len(sizes):
-        raise ValueError(f"{len(keep_masks)} keep masks for {len(sizes)} images")
-    parts = []
-    for emb, mask in zip(image_embeds.split(sizes), keep_masks):
-        mask = getattr(mask, "cells", mask)  # a KeepMask or its bool grid
-        parts.append(emb if mask is None else emb[kept_token_indices(mask).to(emb.device)])
-    return torch.cat(parts) if parts else image_embeds[:0]
 
 
 def prune_input_ids(

@@ -143,15 +143,9 @@ class ViToSConfig:
         Raises:
             ValueError: ``grounding_max_pixels`` above ``max_pixels`` (it would upsample).
         """
-        g = self.grounding_max_pixels
-        if g is None:
-            return min_pixels, max_pixels
-        if g > max_pixels:
-            raise ValueError(
-                f"vitos.grounding_max_pixels={g} exceeds data.max_pixels={max_pixels}: low-resolution grounding "
-                "needs a smaller budget than the reasoning stream's"
-            )
-        return min(min_pixels, g), g
+        from vitos_verl.pruning import grounding_budget
+
+        return grounding_budget(min_pixels, max_pixels, self.grounding_max_pixels)
 
     def reward_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
         """Keyword arguments of :func:`vitos_verl.rewards.compute_score` for this config."""

@@ -111,8 +111,6 @@ class ReasoningPlan:
             the *reasoning* frame: what the reasoning samples of each box see (all cells unpruned).
             Built once here; the grounding reward reads ``keep_masks[i].ratio`` through
             ``extra_info["keep_ratio"]`` (:meth:`grounding_keep_ratios`).
-        reasoning_grids: ``N_g`` ``image_grid_thw`` rows ``(t, h, w)`` of the reasoning frame
-            (the grounding grids unless low-resolution grounding is on).
     """
 
     box_index: np.ndarray
@@ -123,7 +121,6 @@ class ReasoningPlan:
     grounding_texts: list[str]
     boxes: list[list[float] | None] = field(default_factory=list)
     keep_masks: list[KeepMask] = field(default_factory=list)
-    reasoning_grids: list[list[int]] = field(default_factory=list)
 
     def grounding_keep_ratios(self) -> np.ndarray:
         """``(N_g,)`` float64: each box's keep ratio as the grounding reward charges it: its mask's
@@ -201,7 +198,6 @@ def plan_reasoning(
         list(grounding_texts),
         unions,
         masks,
-        [list(int(v) for v in g) for g in reasoning_grids],
     )
 
 
