@@ -6,6 +6,9 @@
 #               SLAKE and VQA-RAD test splits, two-pass and every baseline; tables, plots, HTML
 #   make curve  train the smoke recipe 100+ steps (STEPS=120) as its own run and plot each
 #               stream's reward, IoU, accuracy, format rate and keep ratio (not in CI; ~30 min)
+#   make learn  the learning check: the controlled sparse-evidence task, a short warm start, the
+#               dual-stream trainer and its permuted-reward control; a report whose last line is
+#               "learn: val_acc=.. val_iou=.. grounding_reward=.. reasoning_reward=.." (not in CI)
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
@@ -23,7 +26,7 @@ export VITOS_DATA := $(DATA)
 
 RECIPE ?= smoke_cpu
 
-.PHONY: setup data tiny warmstart train summary demo eval curve pruned-check test test-slow bench lint clean
+.PHONY: setup data tiny warmstart train summary demo eval curve learn pruned-check test test-slow bench lint clean
 
 setup:
 	bash scripts/setup_cpu.sh
@@ -63,6 +66,11 @@ eval: warmstart
 STEPS ?= 120
 curve: warmstart
 	OUT=$(OUT) PY=$(PY) STEPS=$(STEPS) bash scripts/curve_cpu.sh $(TRAIN_ARGS)
+
+# the learning check: scripts/learn_cpu.sh (SEED, STEPS, SFT_STEPS; CONTROL=0 skips the control run)
+SEED ?= 0
+learn: setup
+	OUT=$(OUT) PY=$(PY) SEED=$(SEED) CONTROL=$${CONTROL:-1} bash scripts/learn_cpu.sh $(TRAIN_ARGS)
 
 pruned-check: data tiny
 	$(PY) -m vitos_verl.eval.pruned_check --model $(OUT)/models/tiny-qwen2.5-vl \

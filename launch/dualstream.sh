@@ -32,7 +32,8 @@ fi
 [[ ${DRY_RUN:-0} == 1 ]] && ARGS+=("dry_run=true")
 # CPU recipes need verl's CPU platform in the driver too (the recipe passes it to Ray workers).
 CPU_RECIPE=0
-if grep -q "VERL_PLATFORM: cpu" "recipes/$RECIPE.yaml"; then
+# A CPU recipe lists recipes/_cpu.yaml (the CPU platform) in its defaults.
+if grep -qE "^\s*-\s*_cpu\s*$|VERL_PLATFORM: cpu" "recipes/$RECIPE.yaml"; then
   export VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda VERL_ENGINE_VENDOR=nvidia
   CPU_RECIPE=1
 fi

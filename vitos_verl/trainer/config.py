@@ -53,6 +53,12 @@ class ViToSConfig:
             (the count verl gives the grounding stream), so both streams take the same number of
             steps by default and each reasoning mini-batch holds ``n_r`` times the samples of a
             grounding one. ``order: joint`` (one update) needs both to resolve to the same count.
+        shuffle_rewards: the control of a learning run (off in every method recipe): after both
+            streams are scored, each stream's per-sample rewards are permuted at random across
+            that step's samples before the advantages (seeded by the step), so the update sees
+            rewards of the right scale and spread but unrelated to its samples; the logged
+            rewards stay the true ones. A run that rises with it on learns from something other
+            than the reward (the warm start, the KL term, the schedule).
     """
 
     order: str = "grounding_first"
@@ -71,6 +77,7 @@ class ViToSConfig:
     reward_timeout_s: float = 30.0
     grounding_max_pixels: int | None = None
     optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
+    shuffle_rewards: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -123,6 +130,8 @@ class ViToSConfig:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"vitos.{f.name}={value!r} must be a finite number")
                 object.__setattr__(self, f.name, float(value))
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"vitos.{f.name}={value!r} must be true or false")
             if f.type == "str" and not isinstance(value, str):
                 raise ValueError(f"vitos.{f.name}={value!r} must be a string")
 

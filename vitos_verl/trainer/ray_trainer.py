@@ -59,6 +59,7 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
+from vitos_verl.compat import verl_0_9
 from vitos_verl.pruning import KEEP_ALL, KEEP_KWARG, image_geometry
 from vitos_verl.rewards.score import SCORE_KEYS
 from vitos_verl.rollout.agent_loop import AGENT_NAME
@@ -109,6 +110,7 @@ class ViToSRayTrainer(RayPPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        verl_0_9.install()  # equal-length batches of M-RoPE position ids (vitos_verl.compat.verl_0_9)
         self.vitos = ViToSConfig.from_mapping(OmegaConf.to_container(self.config.vitos, resolve=True))
         self.stages = update_stages(self.vitos.order)
         rollout = self.config.actor_rollout_ref.rollout
@@ -237,6 +239,11 @@ class ViToSRayTrainer(RayPPOTrainer):
         g.batch["token_level_scores"] = last_token_scores(g_scores["score"], g.batch["response_mask"])
         for k, v in g_scores.items():
             nt[k] = v
+        if self.vitos.shuffle_rewards:  # the control run: rewards unrelated to their samples
+            rng = np.random.default_rng(self.global_steps)
+            for b in (g, r):
+                s = b.batch["token_level_scores"].sum(-1).numpy()
+                b.batch["token_level_scores"] = last_token_scores(s[rng.permutation(len(s))], b.batch["response_mask"])
         for b in (g, r):
             b.batch["token_level_rewards"] = b.batch["token_level_scores"]
         return {"grounding": g_scores, "reasoning": r_scores}

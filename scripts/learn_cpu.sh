@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The learning check on the CPU (`make learn`): does dual-stream GRPO make a policy better?
+#   1. the controlled sparse-evidence task (data_prep/sparse_evidence.py; seed SEED);
+#   2. a random tiny Qwen2.5-VL at the task's pixel budget (vitos_verl.models.tiny);
+#   3. a short supervised warm start on the task through verl's SFT trainer (SFT_STEPS steps,
+#      well below the ceiling: the RL run has room to learn; its validation is the run's step 0);
+#   4. the dual-stream trainer (recipes/learn_cpu.yaml) through the same entrypoint as `make demo`,
+#      validating before training and every TEST_FREQ steps;
+#   5. with CONTROL=1, the same run with each step's rewards permuted (vitos.shuffle_rewards);
+#   6. the report: <run>/learn_report.{json,md}, <run>/learn_curve.png; the last line reads
+#      learn: val_acc=<start>-><end> val_iou=<start>-><end> grounding_reward=<first10>-><last10> reasoning_reward=...
+# Steps 1-3 are cached per seed (FORCE=1 redoes them); a rerun resumes the trainer's checkpoint.
+#
+# Environment: OUT (default ./outputs), PY (default .venv/bin/python), SEED (default 0),
+# STEPS (RL steps, default: the recipe's), SFT_STEPS (default 60), N_TRAIN (default 2000),
+# N_VAL (default 128), NAME (run name, default learn_cpu-seed<SEED>), CONTROL (0|1, default 0),
+# SIZE (tiny model size, default tiny). Extra arguments are hydra overrides of the RL run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(realpath -m "${OUT:-outputs}")
+PY=${PY:-.venv/bin/python}
+SEED=${SEED:-0}
+SFT_STEPS=${SFT_STEPS:-60}
+N_TRAIN=${N_TRAIN:-2000}
+N_VAL=${N_VAL:-128}
+SIZE=${SIZE:-tiny}
+NAME=${NAME:-learn_cpu-seed$SEED}
+MAX_PIXELS=50176  # recipes/learn_cpu.yaml's data.max_pixels: 224 x 224, not resized
+DATA=$OUT/data/sparse_evidence-seed$SEED
+BASE=$OUT/models/learn-$SIZE-base-seed$SEED
+SFT=$OUT/models/learn-$SIZE-sft$SFT_STEPS-seed$SEED
+SFT_RUN=$OUT/runs/sft_learn_cpu-seed$SEED
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda VERL_ENGINE_VENDOR=nvidia
+T0=$(date +%s)
+stamp() { echo "learn_cpu: $* ($(( $(date +%s) - T0 )) s)"; }
+
+if [[ ! -f $DATA/summary.json || ${FORCE:-0} == 1 ]]; then
+  "$PY" -m data_prep.sparse_evidence --out "$DATA" --seed "$SEED" --n-train "$N_TRAIN" --n-val "$N_VAL"
+fi
+stamp "data $DATA"
+
+if [[ ! -f $SFT/model.safetensors || ${FORCE:-0} == 1 ]]; then
+  "$PY" -m vitos_verl.models.tiny --size "$SIZE" --seed "$SEED" --out "$BASE" --max-pixels "$MAX_PIXELS"
+  "$PY" -m vitos_verl.data.sft --out "$DATA/sft.parquet" --max-pixels "$MAX_PIXELS" --inputs "$DATA/train.parquet"
+  rm -rf "$SFT_RUN"; mkdir -p "$SFT_RUN"
+  VERL_FILE_LOGGER_PATH=$SFT_RUN/metrics.jsonl "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 \
+    -m verl.trainer.sft_trainer --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
+    outputs_dir="$OUT" model.path="$BASE" data.train_files="$DATA/sft.parquet" data.train_batch_size=16 \
+    data.micro_batch_size_per_gpu=16 data.max_length=256 optim.lr=3e-3 trainer.total_training_steps="$SFT_STEPS" \
+    trainer.experiment_name=sft_learn_cpu trainer.default_local_dir="$SFT_RUN" trainer.seed="$SEED"
+  HF=$(ls -d "$SFT_RUN"/global_step_*/huggingface | sort -V | tail -1)
+  rm -rf "$SFT.tmp"; cp -r "$HF" "$SFT.tmp"
+  for f in processor_config.json preprocessor_config.json chat_template.jinja vitos_tiny.json; do
+    [[ -f $BASE/$f ]] && cp "$BASE/$f" "$SFT.tmp/"
+  done
+  rm -rf "$SFT"; mv "$SFT.tmp" "$SFT"
+fi
+stamp "warm start $SFT"
+
+run() {  # run name, extra overrides...
+  local name=$1; shift
+  VITOS_OUTPUTS=$OUT RECIPE=learn_cpu PYTHON=$PY bash launch/dualstream.sh \
+    trainer.experiment_name="$name" actor_rollout_ref.model.path="$SFT" \
+    data.train_files="[$DATA/train.parquet]" data.val_files="$DATA/val.parquet" data.seed="$SEED" \
+    ${STEPS:+trainer.total_training_steps=$STEPS} "$@"
+}
+run "$NAME" "$@"
+stamp "trained $OUT/runs/$NAME"
+CONTROL_ARGS=()
+if [[ ${CONTROL:-0} == 1 ]]; then
+  run "$NAME-control" vitos.shuffle_rewards=true "$@"
+  stamp "control $OUT/runs/$NAME-control"
+  CONTROL_ARGS=(--control "$OUT/runs/$NAME-control")
+fi
+"$PY" -m vitos_verl.eval.learn_report "$OUT/runs/$NAME" "${CONTROL_ARGS[@]}"
