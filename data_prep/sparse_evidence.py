@@ -72,6 +72,9 @@ class TaskSpec:
         n_colours: answers (the first ``n_colours`` of :data:`PALETTE`); at least 2.
         object_cells: object side in 28-px cells (may be fractional).
         noise: std of Gaussian pixel noise added to the canvas (0: none).
+        outline: width in px of a white outline around the disc (0: none). It makes the disc
+            easy to find (white pixels are rare) without telling its colour: the full image still
+            shows every colour, the answer is still only inside the evidence.
     """
 
     size: int = 224
@@ -79,6 +82,7 @@ class TaskSpec:
     n_colours: int = 4
     object_cells: float = 1.5
     noise: float = 8.0
+    outline: int = 0
 
     def check(self) -> None:
         """Raises ValueError for a geometry the task cannot be drawn in."""
@@ -95,6 +99,8 @@ class TaskSpec:
             )
         if self.noise < 0:
             raise ValueError(f"noise={self.noise} must be >= 0")
+        if not 0 <= self.outline < self.object_cells * CELL / 2:
+            raise ValueError(f"outline={self.outline} must be >= 0 and less than the object's radius")
 
     @property
     def colours(self) -> list[str]:
@@ -125,8 +131,11 @@ def draw(spec: TaskSpec, target_region: int, colours: Sequence[str], rng: np.ran
         span = side - 2 * CELL - obj  # free play inside the margins
         x = int(x0) + CELL + int(rng.integers(0, span + 1))
         y = int(y0) + CELL + int(rng.integers(0, span + 1))
-        shape = pen.ellipse if k == target_region else pen.rectangle
-        shape([x, y, x + obj - 1, y + obj - 1], fill=PALETTE[name])
+        if k == target_region:
+            outline = (255, 255, 255) if spec.outline else None
+            pen.ellipse([x, y, x + obj - 1, y + obj - 1], fill=PALETTE[name], outline=outline, width=spec.outline)
+        else:
+            pen.rectangle([x, y, x + obj - 1, y + obj - 1], fill=PALETTE[name])
     if spec.noise > 0:
         px = np.asarray(canvas, dtype=np.float32) + rng.normal(0.0, spec.noise, (spec.size, spec.size, 3))
         canvas = Image.fromarray(np.clip(px, 0, 255).astype(np.uint8))
@@ -241,8 +250,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--colours", type=int, default=d.n_colours, help=f"answers (at most {len(PALETTE)})")
     p.add_argument("--object-cells", type=float, default=d.object_cells, help="object side in 28-px cells")
     p.add_argument("--noise", type=float, default=d.noise, help="std of the pixel noise")
+    p.add_argument("--outline", type=int, default=d.outline, help="white outline of the disc in px (0: none)")
     a = p.parse_args(argv)
-    spec = TaskSpec(size=a.size, grid=a.grid, n_colours=a.colours, object_cells=a.object_cells, noise=a.noise)
+    spec = TaskSpec(size=a.size, grid=a.grid, n_colours=a.colours, object_cells=a.object_cells, noise=a.noise,
+                    outline=a.outline)  # fmt: skip
     summary = generate(a.out, a.seed, a.n_train, a.n_val, spec)
     print(json.dumps({k: summary[k] for k in ("dataset", "seed", "val_images_in_train")} | {
         s: v["rows_out"] for s, v in summary["splits"].items()}))

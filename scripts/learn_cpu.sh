@@ -12,18 +12,20 @@
 # Steps 1-3 are cached per seed (FORCE=1 redoes them); a rerun resumes the trainer's checkpoint.
 #
 # Environment: OUT (default ./outputs), PY (default .venv/bin/python), SEED (default 0),
-# STEPS (RL steps, default: the recipe's), SFT_STEPS (default 60), N_TRAIN (default 2000),
+# STEPS (RL steps, default: the recipe's), SFT_STEPS (default 100), N_TRAIN (default 2000),
 # N_VAL (default 128), NAME (run name, default learn_cpu-seed<SEED>), CONTROL (0|1, default 0),
-# SIZE (tiny model size, default tiny). Extra arguments are hydra overrides of the RL run.
+# SIZE (vitos_verl.models.tiny size, default learn), TASK_ARGS (more options of data_prep.sparse_evidence,
+# e.g. "--outline 4"; the data folder is per seed: FORCE=1 after changing them).
+# Extra arguments are hydra overrides of the RL run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-outputs}")
 PY=${PY:-.venv/bin/python}
 SEED=${SEED:-0}
-SFT_STEPS=${SFT_STEPS:-60}
+SFT_STEPS=${SFT_STEPS:-100}
 N_TRAIN=${N_TRAIN:-2000}
 N_VAL=${N_VAL:-128}
-SIZE=${SIZE:-tiny}
+SIZE=${SIZE:-learn}
 NAME=${NAME:-learn_cpu-seed$SEED}
 MAX_PIXELS=50176  # recipes/learn_cpu.yaml's data.max_pixels: 224 x 224, not resized
 DATA=$OUT/data/sparse_evidence-seed$SEED
@@ -35,7 +37,8 @@ T0=$(date +%s)
 stamp() { echo "learn_cpu: $* ($(( $(date +%s) - T0 )) s)"; }
 
 if [[ ! -f $DATA/summary.json || ${FORCE:-0} == 1 ]]; then
-  "$PY" -m data_prep.sparse_evidence --out "$DATA" --seed "$SEED" --n-train "$N_TRAIN" --n-val "$N_VAL"
+  # shellcheck disable=SC2086
+  "$PY" -m data_prep.sparse_evidence --out "$DATA" --seed "$SEED" --n-train "$N_TRAIN" --n-val "$N_VAL" ${TASK_ARGS:-}
 fi
 stamp "data $DATA"
 
@@ -46,7 +49,8 @@ if [[ ! -f $SFT/model.safetensors || ${FORCE:-0} == 1 ]]; then
   VERL_FILE_LOGGER_PATH=$SFT_RUN/metrics.jsonl "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 \
     -m verl.trainer.sft_trainer --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
     outputs_dir="$OUT" model.path="$BASE" data.train_files="$DATA/sft.parquet" data.train_batch_size=16 \
-    data.micro_batch_size_per_gpu=16 data.max_length=256 optim.lr=3e-3 trainer.total_training_steps="$SFT_STEPS" \
+    data.micro_batch_size_per_gpu=16 data.max_length=256 optim.lr=1e-3 model.enable_gradient_checkpointing=false \
+    trainer.total_training_steps="$SFT_STEPS" \
     trainer.experiment_name=sft_learn_cpu trainer.default_local_dir="$SFT_RUN" trainer.seed="$SEED"
   HF=$(ls -d "$SFT_RUN"/global_step_*/huggingface | sort -V | tail -1)
   rm -rf "$SFT.tmp"; cp -r "$HF" "$SFT.tmp"

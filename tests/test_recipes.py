@@ -28,7 +28,8 @@ def _compose(name: str, overrides=()):
 
 def _make_data_files(cfg) -> None:
     """Create (empty) the parquet files a composed recipe names: the start-up check wants them to exist."""
-    files = list(cfg.data.train_files) + [cfg.data.val_files]
+    train = cfg.data.train_files
+    files = ([train] if isinstance(train, str) else list(train)) + [cfg.data.val_files]
     for f in files:
         Path(f).parent.mkdir(parents=True, exist_ok=True)
         Path(f).touch()

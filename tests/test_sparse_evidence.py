@@ -96,9 +96,33 @@ def test_rewards_and_sft_take_the_rows_unchanged(task):
 
 
 def test_bad_specs_are_refused(tmp_path):
-    for bad in (dict(size=230), dict(n_colours=1), dict(object_cells=3), dict(noise=-1)):
+    for bad in (dict(size=230), dict(n_colours=1), dict(object_cells=3), dict(noise=-1), dict(outline=21)):
         with pytest.raises(ValueError):
             se.generate(tmp_path, 0, 4, 4, se.TaskSpec(**bad))
     with pytest.raises(ValueError):
         se.generate(tmp_path, 0, 0, 4)
     assert not (tmp_path / "train.parquet").exists()
+
+
+def test_format_only_warm_start_draws_targets_from_other_rows(task):
+    """``vitos_verl.data.sft --random-targets``: the templates' format with boxes and answers of
+    other rows, so the warm-started policy knows the format and the answer set, not the task."""
+    from collections import Counter
+
+    from vitos_verl.data.sft import RandomTargets
+    from vitos_verl.rewards.boxes import best_iou, parse_boxes
+
+    out, _ = task
+    rows = _rows(out / "train.parquet")
+    sft = sft_rows(rows, 3136, 50176, Counter(), RandomTargets(rows, seed=1))
+    again = sft_rows(rows, 3136, 50176, Counter(), RandomTargets(rows, seed=1))
+    assert [r["messages"][-1] for r in sft] == [r["messages"][-1] for r in again]  # seeded
+    g = [(r, row) for r, row in zip(sft[0::2], rows)]
+    ious = [best_iou(parse_boxes(r["messages"][-1]["content"])[0], row["extra_info"]["gt_boxes"]) for r, row in g]
+    assert set(ious) == {0.0, 1.0} and 0.1 < sum(ious) / len(ious) < 0.5  # quadrant boxes, right by chance only
+    answers = [r["messages"][-1]["content"] for r in sft[1::2]]
+    truth = [row["reward_model"]["ground_truth"] for row in rows]
+    assert all(a.endswith(f"<answer>{c}</answer>") for a, c in zip(answers, truth)) is False
+    assert {a.split("<answer>")[1][:-9] for a in answers} <= set(se.TaskSpec().colours)
+    right = sum(a.endswith(f"<answer>{c}</answer>") for a, c in zip(answers, truth)) / len(rows)
+    assert right < 0.5

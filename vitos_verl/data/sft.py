@@ -13,6 +13,12 @@ multi-turn SFT parquet (``messages`` + ``images``), read by ``verl.trainer.sft_t
 Each image carries the RL run's pixel budget (``min_pixels`` / ``max_pixels``), so SFT and RL
 see the same grid.
 
+``--random-targets SEED`` builds a *format-only* warm start: the same prompts, answered with the
+box of another row (scaled to this image; the union of its boxes, in relative coordinates) and
+the answer of another row of the same answer type (a random option letter for multiple choice).
+The policy learns the output format and the answer set, not the task, so RL starts from chance
+(the learning check, ``make learn``, measures where it starts).
+
 CLI::
 
     python -m vitos_verl.data.sft --inputs outputs/data/slake/train.parquet \\
@@ -67,11 +73,52 @@ def reasoning_target(answer: str, extra_info: Mapping[str, Any]) -> str:
     return f"<think>{thought}</think><answer>{answer}</answer>"
 
 
-def sft_rows(rows: Iterable[Mapping[str, Any]], min_pixels: int, max_pixels: int, skipped: Counter) -> list[dict]:
+class RandomTargets:
+    """Targets drawn from other rows (module doc: ``--random-targets``), seeded.
+
+    Args:
+        rows: the RL rows the SFT set is built from (their boxes and answers are the pools).
+        seed: seed of the draws.
+    """
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], seed: int):
+        import random
+
+        self.rng = random.Random(seed)
+        self.boxes: list[list[float]] = []  # relative [x1, y1, x2, y2] in [0, 1]
+        self.answers: dict[str, list[str]] = {}
+        for row in rows:
+            info = row.get("extra_info") or {}
+            if info.get("gt_boxes"):
+                w, h = (float(v) for v in info["image_size"])
+                x1, y1, x2, y2 = union_box(info["gt_boxes"])
+                self.boxes.append([x1 / w, y1 / h, x2 / w, y2 / h])
+            answer = str((row.get("reward_model") or {}).get("ground_truth") or "").strip()
+            if answer:
+                self.answers.setdefault(str(info.get("answer_type") or "OPEN"), []).append(answer)
+
+    def box(self, image_size: Sequence[int]) -> list[list[float]]:
+        """One random pool box in original pixels of an image of ``image_size`` ``(W, H)``."""
+        w, h = (float(v) for v in image_size)
+        x1, y1, x2, y2 = self.rng.choice(self.boxes)
+        return [[x1 * w, y1 * h, x2 * w, y2 * h]]
+
+    def answer(self, info: Mapping[str, Any]) -> str:
+        """A random answer of the row's answer type (an option letter for multiple choice)."""
+        options = info.get("options") or []
+        if options:
+            return str(self.rng.choice(options)["letter"])
+        return self.rng.choice(self.answers[str(info.get("answer_type") or "OPEN")])
+
+
+def sft_rows(
+    rows: Iterable[Mapping[str, Any]], min_pixels: int, max_pixels: int, skipped: Counter, random_targets: RandomTargets | None = None
+) -> list[dict]:
     """verl multi-turn SFT rows (``messages``, ``images``, ``data_source``, ``stream``) of RL rows.
 
     Rows with an empty answer are counted in ``skipped["empty_answer"]``; rows without boxes
-    give only a reasoning row (counted in ``skipped["grounding_no_box"]``).
+    give only a reasoning row (counted in ``skipped["grounding_no_box"]``). With
+    ``random_targets`` every target is drawn from other rows (a format-only warm start).
     """
     out = []
     for row in rows:
@@ -82,8 +129,11 @@ def sft_rows(rows: Iterable[Mapping[str, Any]], min_pixels: int, max_pixels: int
             skipped["empty_answer"] += 1
             continue
         base = {"images": images, "data_source": row["data_source"]}
+        if random_targets is not None:
+            answer = random_targets.answer(info)
         if info.get("gt_boxes"):
-            target = grounding_target(info["gt_boxes"], info["image_size"], min_pixels, max_pixels)
+            boxes = random_targets.box(info["image_size"]) if random_targets is not None else info["gt_boxes"]
+            target = grounding_target(boxes, info["image_size"], min_pixels, max_pixels)
             out.append({**base, "stream": "grounding", "messages": [*row["prompt"], {"role": "assistant", "content": target}]})
         else:
             skipped["grounding_no_box"] += 1
@@ -92,21 +142,27 @@ def sft_rows(rows: Iterable[Mapping[str, Any]], min_pixels: int, max_pixels: int
     return out
 
 
-def build(inputs: Sequence[str], out: str, min_pixels: int, max_pixels: int, limit: int = -1) -> dict[str, int]:
+def build(
+    inputs: Sequence[str], out: str, min_pixels: int, max_pixels: int, limit: int = -1, random_targets: int | None = None
+) -> dict[str, int]:
     """Write the SFT parquet; returns row counts per stream and skip reason.
+
+    Args:
+        random_targets: a seed for a format-only warm start (:class:`RandomTargets`), or None.
 
     Raises:
         FileNotFoundError: an input parquet is missing (run ``make data``).
     """
-    rows: list[dict] = []
-    skipped: Counter = Counter()
+    tables = []
     for path in inputs:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: RL parquet not found (run `make data`)")
         table = pq.read_table(path)
-        if limit > 0:
-            table = table.slice(0, limit)
-        rows += sft_rows(table.to_pylist(), min_pixels, max_pixels, skipped)
+        tables.append(table.slice(0, limit) if limit > 0 else table)
+    source = [r for t in tables for r in t.to_pylist()]
+    draws = RandomTargets(source, random_targets) if random_targets is not None else None
+    skipped: Counter = Counter()
+    rows = sft_rows(source, min_pixels, max_pixels, skipped, draws)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out)
     counts = Counter(r["stream"] for r in rows)
@@ -120,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--limit", type=int, default=-1, help="rows per input file (-1: all)")
+    p.add_argument("--random-targets", type=int, metavar="SEED", help="format-only warm start: targets drawn from other rows")
     a = p.parse_args(argv)
-    print(build(a.inputs, a.out, a.min_pixels, a.max_pixels, a.limit))
+    print(build(a.inputs, a.out, a.min_pixels, a.max_pixels, a.limit, a.random_targets))
     return 0
 
 

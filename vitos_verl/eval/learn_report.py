@@ -77,12 +77,16 @@ def summarize(run_dir: str | Path, window: int = 10) -> dict[str, Any]:
         ``{"run", "steps", "window", "streams": {stream: {key: window_stats}}, "val": {"steps",
         "acc", "iou"}}``, where ``val.acc`` / ``val.iou`` are ``[first, last]`` (None when absent).
 
+    A run shorter than ``2 * window`` steps gets the largest window that fits (``window`` in the
+    result says which).
+
     Raises:
         FileNotFoundError: no metrics in ``run_dir``.
-        ValueError: fewer than ``2 * window`` training steps.
+        ValueError: fewer than 4 training steps.
     """
     steps = load(run_dir)
     train = {s: m for s, m in steps.items() if "grounding/reward/score" in m}
+    window = min(window, len(train) // 2)
     out: dict[str, Any] = {"run": str(run_dir), "steps": len(train), "window": window, "streams": {}}
     for stream in STREAMS:
         out["streams"][stream] = {}
@@ -153,7 +157,7 @@ def markdown(run: Mapping[str, Any], met: Mapping[str, bool], control: Mapping[s
                 lines.append(f"| {label}{stream} | {key} | {s['first']:.3f} | {s['last']:.3f} | {s['rise']:+.3f} | "
                              f"{s['step_noise']:.3f} | {'yes' if s['rises'] else 'no'} |")  # fmt: skip
     v = run["val"]
-    lines += ["", f"Validation (two-pass, greedy, {_f(v.get('rows')) if v.get('rows') else '?'} questions) at steps {v['steps']}: "
+    lines += ["", f"Validation (two-pass, greedy, {int(v['rows']) if v.get('rows') else '?'} questions) at steps {v['steps']}: "
               f"accuracy {_f(v['acc'][0])} -> {_f(v['acc'][1])}, IoU {_f(v['iou'][0])} -> {_f(v['iou'][1])}.", "",
               "| target | met |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {'yes' if ok else '**no**'} |" for k, ok in met.items()]

@@ -60,6 +60,18 @@ class TinySpec:
 
 SIZES = {
     "tiny": TinySpec(),
+    # The learning check's policy (make learn): 4 text layers of 128, a 4-block ViT of 128.
+    "learn": TinySpec(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vision_depth=4,
+        vision_hidden_size=128,
+        vision_intermediate_size=512,
+        vision_num_heads=4,
+    ),
     # About 0.5B parameters (Qwen2.5-0.5B's text shape, a 4-block ViT): the benchmark's bigger model.
     "small": TinySpec(
         hidden_size=896,
