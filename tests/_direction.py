@@ -15,7 +15,7 @@ After the step the updated actor recomputes the log-probabilities of every sampl
 streams on the inputs the step trained on. Writes JSON: per stream and sample the response text,
 its advantage, score, keep ratio, and the change of its summed log-probability.
 
-    python tests/_direction.py OUT.json DATA_DIR MODEL_DIR
+    python tests/_direction.py OUT.json DATA_DIR MODEL_DIR [hydra overrides of recipes/learn_cpu.yaml]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ BOX = {0: "[0, 0, 112, 112]", 1: "[112, 0, 224, 112]", 2: "[0, 112, 112, 224]", 
 OPPOSITE = {0: 3, 3: 0, 1: 2, 2: 1}
 
 
-def main(out_path: str, data_dir: str, model_dir: str) -> None:
+def main(out_path: str, data_dir: str, model_dir: str, *extra: str) -> None:
     os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()))  # fmt: skip
     import numpy as np
@@ -73,6 +73,7 @@ def main(out_path: str, data_dir: str, model_dir: str) -> None:
         "actor_rollout_ref.actor.optim.weight_decay=0.0", "trainer.rollout_data_dir=null", "trainer.validation_data_dir=null",
         "data.shuffle=false", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+        *extra,
     ]  # fmt: skip
     with initialize_config_dir(config_dir=os.path.abspath(recipes), version_base=None):
         cfg = compose(config_name="learn_cpu", overrides=overrides)
@@ -217,4 +218,4 @@ def main(out_path: str, data_dir: str, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

@@ -45,11 +45,11 @@ def model() -> Path:
     return build_tiny_checkpoint(ROOT / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=MAX_PIXELS))
 
 
-def _step(task: Path, model: Path, dtype: str, tmp_path: Path) -> dict:
+def _step(task: Path, model: Path, dtype: str, tmp_path: Path, *overrides: str) -> dict:
     out = tmp_path / "direction.json"
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", "VERL_ENGINE_VENDOR": "nvidia",
            precision.ENV: dtype, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "_direction.py"), str(out), str(task), str(model)],
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "_direction.py"), str(out), str(task), str(model), *overrides],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return json.loads(out.read_text())
@@ -81,3 +81,18 @@ def test_each_update_moves_its_samples_the_way_their_advantages_say(task, model,
             assert (s["delta_logp"] > 0) == (s["advantage"] > 0), (stream, dtype, s)
             assert abs(s["delta_logp"]) > 1e-3, (stream, dtype, s)
     assert res["metrics"]["grounding/reward/feedback"] == 0.5 and res["metrics"]["reasoning/reward/acc"] == 0.5
+
+
+def test_the_control_run_breaks_the_link_between_reward_and_advantage(task, model, tmp_path):
+    """``vitos.shuffle_rewards`` (make learn's control): the logged rewards stay the true ones, the
+    advantages come from rewards permuted across the step's samples."""
+    res = _step(task, model, "float32", tmp_path, "vitos.shuffle_rewards=true")
+    aligned = {}
+    for stream in ("grounding", "reasoning"):
+        samples = res["streams"][stream]
+        assert sorted({s["score"] for s in samples}) == [0.0, 1.0]  # true scores logged
+        assert sum(s["score"] for s in samples) == len(samples) / 2
+        aligned[stream] = [(s["advantage"] > 0) == (s["score"] > 0) for s in samples if s["advantage"] != 0]
+    # the step's seeded permutation: 8 reasoning rewards (4 right) stay in place with chance 1/70;
+    # the 4 grounding ones (2 right) with chance 1/6, as they happen to at this step
+    assert not all(aligned["reasoning"]), res["streams"]["reasoning"]
