@@ -148,10 +148,18 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_split(spec: TaskSpec, split: str, n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """``n`` rows of one split (see module doc), balanced over (region, colour) pairs."""
+def make_split(
+    spec: TaskSpec, split: str, n: int, rng: np.random.Generator, fixed: tuple[int, str] | None = None
+) -> list[dict[str, Any]]:
+    """``n`` rows of one split (see module doc), balanced over (region, colour) pairs, or every
+    target in one ``fixed`` ``(region, colour)``: a task a policy learns without the image (the
+    wiring check of tests/test_learning.py)."""
     regions, colours = spec.grid**2, spec.colours
     pairs = [(r, c) for r in range(regions) for c in range(len(colours))]
+    if fixed is not None:
+        if not (0 <= fixed[0] < regions and fixed[1] in colours):
+            raise ValueError(f"fixed target {fixed}: region must be in [0, {regions}) and colour one of {colours}")
+        pairs = [(fixed[0], colours.index(fixed[1]))]
     order = [pairs[i % len(pairs)] for i in range(n)]
     rng.shuffle(order)
     rows = []
@@ -209,23 +217,29 @@ def _write_atomic(out: Path, tables: dict[str, list[dict]], summary: dict[str, A
             tmp.unlink(missing_ok=True)
 
 
-def generate(out: Path, seed: int, n_train: int, n_val: int, spec: TaskSpec = TaskSpec()) -> dict[str, Any]:
+def generate(
+    out: Path, seed: int, n_train: int, n_val: int, spec: TaskSpec = TaskSpec(), fixed: tuple[int, str] | None = None
+) -> dict[str, Any]:
     """Write ``<out>/train.parquet``, ``<out>/val.parquet`` and ``<out>/summary.json``.
 
     Returns:
         The summary: the spec, the seed, per split the row count, answer and region counts,
         and ``val_images_in_train`` (validation images byte-identical to a training image).
 
+    Args:
+        fixed: ``(region, colour)`` of every target (:func:`make_split`), or None (balanced).
+
     Raises:
-        ValueError: a bad spec, or ``n_train`` / ``n_val`` < 1.
+        ValueError: a bad spec or fixed target, or ``n_train`` / ``n_val`` < 1.
     """
     spec.check()
     if n_train < 1 or n_val < 1:
         raise ValueError(f"n_train={n_train} and n_val={n_val} must be >= 1")
     train_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    tables = {"train": make_split(spec, "train", n_train, train_rng), "val": make_split(spec, "val", n_val, val_rng)}
+    tables = {"train": make_split(spec, "train", n_train, train_rng, fixed), "val": make_split(spec, "val", n_val, val_rng, fixed)}
     train_digests = {_digest(r) for r in tables["train"]}
-    summary: dict[str, Any] = {"dataset": DATASET, "seed": seed, "spec": asdict(spec), "question": QUESTION, "splits": {}}
+    summary: dict[str, Any] = {"dataset": DATASET, "seed": seed, "spec": asdict(spec), "question": QUESTION,
+                               "fixed_target": list(fixed) if fixed else None, "splits": {}}  # fmt: skip
     for split, rows in tables.items():
         summary["splits"][split] = {
             "file": str(out / f"{split}.parquet"),

@@ -4,7 +4,7 @@ likely; in the grounding stream the advantage comes from cross-feedback alone (a
 answers were right must become more likely), in the reasoning stream the answers were made from
 the pruned visual tokens their box kept.
 
-The step runs in its own process (``tests/_direction.py``: verl's CPU platform is chosen when verl
+The step runs in its own process (``tests/_inprocess.py direction``: verl's CPU platform is chosen when verl
 is imported) on two questions of the sparse-evidence task whose evidence shares a quadrant: the
 scripted policy proposes box A (the evidence) and box B (the opposite quadrant) for each, and
 answers right exactly when its request's keep mask covers the evidence. Without that
@@ -49,7 +49,16 @@ def _step(task: Path, model: Path, dtype: str, tmp_path: Path, *overrides: str) 
     out = tmp_path / "direction.json"
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", "VERL_ENGINE_VENDOR": "nvidia",
            precision.ENV: dtype, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "_direction.py"), str(out), str(task), str(model), *overrides],
+    direction = [
+        # the grounding reward is the cross-feedback alone: a box earns what its answers earned
+        "vitos.n_g=2", "vitos.n_r=2", "vitos.w_iou=0.0", "vitos.w_fmt=0.0", "data.train_batch_size=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        # plain SGD: an update follows the policy gradient (Adam's first step is its sign)
+        "actor_rollout_ref.actor.optim.optimizer=SGD", "actor_rollout_ref.actor.optim.lr=0.05",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0",
+    ]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "tests" / "_inprocess.py"), "direction", str(out), str(task), str(model)]
+    run = subprocess.run([*cmd, *direction, *overrides],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return json.loads(out.read_text())
