@@ -221,6 +221,7 @@ def test_agent_loop_worker_turns_a_failed_sample_into_a_counted_placeholder(cfg,
 
 # ------------------------------------------------------------------ trainer: zero advantage, metrics
 def _trainer(n: int):
+    from vitos_verl.trainer.config import ViToSConfig
     from vitos_verl.trainer.ray_trainer import ViToSRayTrainer
 
     t = object.__new__(ViToSRayTrainer)
@@ -229,6 +230,7 @@ def _trainer(n: int):
         "actor_rollout_ref": {"actor": {"loss_agg_mode": "token-mean"}, "rollout": {"n": n}},
     })
     t.use_reference_policy = False
+    t.vitos = ViToSConfig()  # the method's defaults, as ViToSRayTrainer.__init__ sets them
     return t
 
 
