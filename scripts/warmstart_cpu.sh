@@ -26,11 +26,4 @@ rm -rf "$RUN"; mkdir -p "$RUN"
 "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 -m verl.trainer.sft_trainer \
   --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
   outputs_dir="$OUT" model.path="$BASE" "$@"
-HF=$(ls -d "$RUN"/global_step_*/huggingface | sort -V | tail -1)
-rm -rf "$DEST.tmp"; cp -r "$HF" "$DEST.tmp"
-# the processor files (pixel budget, chat template) come from the base checkpoint
-for f in processor_config.json preprocessor_config.json chat_template.jinja vitos_tiny.json; do
-  [[ -f $BASE/$f ]] && cp "$BASE/$f" "$DEST.tmp/"
-done
-rm -rf "$DEST"; mv "$DEST.tmp" "$DEST"
-echo "warmstart: exported $DEST from $HF"
+bash scripts/export_sft.sh "$RUN" "$BASE" "$DEST"

@@ -268,7 +268,7 @@ def learn(h, out: dict, steps: int) -> None:
         box_of = [next(k for k in range(4) if t == _box(k)) for t in g_text]  # each grounding row's quadrant
         l_box = torch.full((n_q, 4), float("nan"))
         l_ans = torch.full((n_q, 4, 4), float("nan"))
-        for i, t in enumerate(g_text):
+        for i in range(len(g_text)):
             l_box[i // 4, box_of[i]] = logp["grounding"][i]
         for i, t in enumerate(r_text):
             j = int(plan.box_index[i])
