@@ -52,12 +52,7 @@ if [[ ! -f $SFT/model.safetensors || ${FORCE:-0} == 1 ]]; then
     data.micro_batch_size_per_gpu=16 data.max_length=256 optim.lr=1e-3 model.enable_gradient_checkpointing=false \
     trainer.total_training_steps="$SFT_STEPS" \
     trainer.experiment_name=sft_learn_cpu trainer.default_local_dir="$SFT_RUN" trainer.seed="$SEED"
-  HF=$(ls -d "$SFT_RUN"/global_step_*/huggingface | sort -V | tail -1)
-  rm -rf "$SFT.tmp"; cp -r "$HF" "$SFT.tmp"
-  for f in processor_config.json preprocessor_config.json chat_template.jinja vitos_tiny.json; do
-    [[ -f $BASE/$f ]] && cp "$BASE/$f" "$SFT.tmp/"
-  done
-  rm -rf "$SFT"; mv "$SFT.tmp" "$SFT"
+  bash scripts/export_sft.sh "$SFT_RUN" "$BASE" "$SFT"
 fi
 stamp "warm start $SFT"
 
