@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from data_prep.common import SCHEMA
+from data_prep.common import SCHEMA, _write_text_atomic
 from vitos_verl.data import make_row
 from vitos_verl.pruning import CELL
 
@@ -209,9 +209,7 @@ def _write_atomic(out: Path, tables: dict[str, list[dict]], summary: dict[str, A
         (out / "summary.json").unlink(missing_ok=True)
         for split, tmp in temps.items():
             os.replace(tmp, out / f"{split}.parquet")
-        tmp = out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / "summary.json")
+        _write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
