@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from vitos_verl.atomic import atomic_write_text
 from vitos_verl.data import make_row
 from vitos_verl.pruning.geometry import smart_resize
 
@@ -604,12 +605,6 @@ def convert_hf(dataset: str, files: list[Path], split: str, report: SplitReport)
 # --- writing -------------------------------------------------------------------------------
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -654,7 +649,7 @@ class ParquetOutputs:
         for split, tmp in self._temps.items():
             os.replace(tmp, self.out / f"{split}.parquet")
         self._temps.clear()
-        _write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from vitos_verl.atomic import atomic_write_text
 from vitos_verl.eval.curve import plot_curves, series
 from vitos_verl.eval.summary import load
 from vitos_verl.records import STREAMS
@@ -164,12 +164,6 @@ def markdown(run: Mapping[str, Any], met: Mapping[str, bool], control: Mapping[s
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitos_verl.eval.learn_report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="the run folder (metrics-*.jsonl)")
@@ -182,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     control = summarize(a.control, a.window) if a.control else None
     met = check(run, control, a.min_gain)
     report = {"run": run, "control": control, "targets": met, "summary": summary_line(run)}
-    _write(a.run_dir / "learn_report.json", json.dumps(report, indent=2) + "\n")
-    _write(a.run_dir / "learn_report.md", markdown(run, met, control))
+    atomic_write_text(a.run_dir / "learn_report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(a.run_dir / "learn_report.md", markdown(run, met, control))
     plot_curves(load(a.run_dir), a.run_dir / "learn_curve.png", window=a.window, title=a.run_dir.name)
     print(markdown(run, met, control))
     print(f"report: {a.run_dir / 'learn_report.md'} {a.run_dir / 'learn_curve.png'}")

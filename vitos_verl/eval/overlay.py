@@ -32,7 +32,6 @@ red, in original pixels.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageOps
 
+from vitos_verl.data.parquet_rows import open_image, read_rows
 from vitos_verl.pruning import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, KeepMask, box_to_resized, image_geometry
 from vitos_verl.pruning.boxes import BOX_FORMATS, from_box_format
 from vitos_verl.pruning.draw import draw_overlay, draw_rollout
@@ -58,7 +58,8 @@ def load_row_images(rows: Iterable[Mapping[str, Any]], data_files: Sequence[str 
     """The images of rollout lines, read from the prepared parquet files they came from.
 
     Rows are matched on ``(data_source, extra_info.split, extra_info.record_id)``; only the
-    parquet row groups holding a wanted row are read.
+    parquet row groups holding a wanted row are read (:func:`vitos_verl.data.parquet_rows.read_rows`),
+    and the first image of each is opened with :func:`vitos_verl.data.parquet_rows.open_image`.
 
     Returns:
         ``{(data_source, split, record_id): image}`` for the rows found (missing ones are absent).
@@ -82,16 +83,10 @@ def load_row_images(rows: Iterable[Mapping[str, Any]], data_files: Sequence[str 
                 hits[i] = key
         if not hits:
             continue
-        f = pq.ParquetFile(path)
-        start = 0
-        for g in range(f.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
-            rows_here = [i for i in hits if start <= i < start + n]
-            if rows_here:
-                images = f.read_row_group(g, columns=["images"]).column("images").to_pylist()
-                for i in rows_here:
-                    found[hits[i]] = Image.open(io.BytesIO(images[i - start][0]["bytes"]))
-            start += n
+        for i, row in read_rows(path, hits, columns=["images"]).items():
+            image = open_image(row["images"][0]) if row.get("images") else None
+            if image is not None:
+                found[hits[i]] = image
     return found
 
 
@@ -205,7 +200,9 @@ def main(argv: list[str] | None = None) -> Path:
         )
         if row is None:
             raise SystemExit(f"no row {a.record or 'with a box'} in {a.data[0]}")
-        image = Image.open(io.BytesIO(row["images"][0]["bytes"]))
+        image = open_image(row["images"][0] if row.get("images") else None)
+        if image is None:
+            raise SystemExit(f"row {row['extra_info']['record_id']} of {a.data[0]} holds no image")
         if box is None and row["extra_info"]["gt_boxes"]:
             gt = row["extra_info"]["gt_boxes"]
             box = [min(b[0] for b in gt), min(b[1] for b in gt), max(b[2] for b in gt), max(b[3] for b in gt)]

@@ -4,7 +4,7 @@ Unkept cells are dimmed, kept cells outlined, the box drawn in red; the picture 
 pixels (cells mapped back from the resized frame with the processor's scale,
 :func:`vitos_verl.pruning.box_to_original`). Used by the trainer's validation table
 (:mod:`vitos_verl.trainer.rollout_dump`) and by the overlay tool and report
-(:mod:`vitos_verl.eval.overlay`, :mod:`vitos_verl.eval.report`). PIL and this package's
+(:mod:`vitos_verl.eval.overlay`, :mod:`vitos_verl.eval.report_cards`). PIL and this package's
 geometry only.
 """
 

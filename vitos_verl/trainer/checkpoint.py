@@ -13,7 +13,8 @@ Here, instead:
 
 * :func:`save_with_atomic_tracker` runs verl's save with its tracker write captured, writes
   ``global_step_<N>/vitos_complete.json`` (:data:`MARKER`) once ``actor/`` and ``data.pt`` are
-  there, and only then the tracker, atomically (temporary file, ``fsync``, ``os.replace``).
+  there, and only then the tracker, atomically (:func:`vitos_verl.atomic.atomic_write_text`:
+  temporary file, ``fsync``, ``os.replace``).
   A save interrupted at any point leaves the tracker at the previous complete step.
 * :func:`check_resume` runs before verl's load: a tracker that is not a step number, or names a
   folder that is missing or incomplete (no marker, no ``actor/`` shards, no ``data.pt``), raises
@@ -33,6 +34,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from vitos_verl.atomic import atomic_write_text
+
 TRACKER = "latest_checkpointed_iteration.txt"  # verl 0.9.1 checkpoint_manager.get_checkpoint_tracker_filename
 MARKER = "vitos_complete.json"
 STEP_PREFIX = "global_step_"
@@ -45,29 +48,6 @@ class CheckpointError(RuntimeError):
 def step_dir(root: str | os.PathLike, step: int) -> Path:
     """``<root>/global_step_<step>``, verl's step folder."""
     return Path(root) / f"{STEP_PREFIX}{int(step)}"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader sees the old content or the new, never part.
-
-    Writes a temporary file in the same folder, ``fsync``s it, ``os.replace``s it over ``path``
-    and ``fsync``s the folder (so the rename survives a power loss on POSIX file systems).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with builtins.open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def missing_parts(folder: str | os.PathLike, step: int | None = None) -> list[str]:

@@ -64,7 +64,6 @@ step's metrics. Files are written synchronously (verl uses a thread); a step's l
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -74,6 +73,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from vitos_verl.data.parquet_rows import open_image
 from vitos_verl.pruning import KeepMask, box_to_original, box_to_resized, geometry_from_grid
 from vitos_verl.pruning.boxes import from_box_format
 from vitos_verl.pruning.draw import draw_rollout
@@ -112,17 +112,6 @@ def image_part(messages: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any
             for part in content:
                 if isinstance(part, Mapping) and part.get("type") == "image":
                     return part
-    return None
-
-
-def part_image(part: Mapping[str, Any] | None) -> Image.Image | None:
-    """The PIL image of a chat's image part (its ``image``, else its ``bytes``), or None."""
-    if not part:
-        return None
-    if isinstance(part.get("image"), Image.Image):
-        return part["image"]
-    if part.get("bytes"):
-        return Image.open(io.BytesIO(part["bytes"]))
     return None
 
 
@@ -228,7 +217,7 @@ def _table_row(r: Mapping[str, Any], g: Mapping[str, Any] | None) -> dict[str, A
 
 
 def _overlay(part: Mapping[str, Any] | None, row: Mapping[str, Any]) -> Image.Image | None:
-    image = part_image(part)
+    image = open_image(part)
     if image is None:
         return None
     return ImageOps.contain(draw_rollout(image, row), (TABLE_IMAGE_PX, TABLE_IMAGE_PX))
