@@ -112,7 +112,9 @@ def test_grounding_rewards_cross_feedback(ds):
     kw = ViToSConfig().reward_kwargs(3136, MAX_PIXELS)
     # answers: box 0 -> [1, 1], box 1 -> [0, 0], box 2 -> [1, 0]
     out = grounding_rewards(["slake"] * 3, texts, ["x"] * 3, info, [1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 2, 2], kw)
-    assert out["feedback"].tolist() == [1.0, 0.0, 0.5]
+    assert out["feedback"].tolist() == [1.0, 0.0, 0.0]  # the garbage box earns none (no_feedback)
+    keep_all = grounding_rewards(["slake"] * 3, texts, ["x"] * 3, info, [1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 2, 2], {**kw, "unparsed_box": "keep_all"})
+    assert keep_all["feedback"].tolist() == [1.0, 0.0, 0.5]  # its answers' accuracy under keep_all
     assert out["iou"][0] == pytest.approx(1.0, abs=1e-6) and out["iou"][2] == 0.0
     # same box, different feedback: the score differs by exactly w_fb * (1 - 0)
     assert out["score"][0] - out["score"][1] == pytest.approx(kw["w_fb"])

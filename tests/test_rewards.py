@@ -123,7 +123,7 @@ def test_grounding_weights_and_feedback():
     assert keep["score"] == pytest.approx(base["score"] - keep["keep_ratio"])
     assert 0 < keep["keep_ratio"] < 0.05
     bad = compute_score("slake", "the lesion is in the left lung", "x", {**info, "feedback_acc": 1.0})
-    assert bad["format"] == 0 and bad["iou"] == 0 and bad["keep_ratio"] == 1.0 and bad["score"] == 1.0
+    assert bad["format"] == 0 and bad["iou"] == 0 and bad["keep_ratio"] == 1.0 and bad["score"] == 0.0
     nogt = compute_score("vqa_rad", text, "x", {"stream": "grounding", "image_size": [512, 512], "feedback_acc": 1.0})
     assert nogt["has_gt_box"] == 0 and nogt["iou"] == 0 and nogt["score"] == pytest.approx(1.5)
     with pytest.raises(ValueError):
@@ -213,7 +213,7 @@ def test_box_off_the_image_earns_no_format_credit(slake_dir):
         for box in ([W + 10, 10, W + 60, 50], [10, -80, 60, -20], [-50, -50, -1, -1], [20, 20, 20, 60]):
             out = compute_score("slake", "<box>[{}, {}, {}, {}]</box>".format(*box), "x", info)
             assert out["format"] == 0.0 and out["parsed"] == 0.0 and out["iou"] == 0.0 and out["keep_ratio"] == 1.0, box
-            assert out["score"] == pytest.approx(0.5)  # w_fb * feedback only (keep_all)
+            assert out["score"] == pytest.approx(0.0)  # nothing (no_feedback, the default)
         inside = compute_score("slake", f"<think>edge</think><box>[{W - 30}, 0, {W + 400}, 30]</box>", "x", info)
         assert inside["format"] == 1.0 and inside["parsed"] == 1.0  # partly outside: clipped, kept
         norm = compute_score("slake", "<box>[1010, 10, 1200, 50]</box>", "x", info, box_format="norm1000")

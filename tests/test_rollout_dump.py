@@ -156,7 +156,8 @@ def test_training_step_dump_reads_back(step, slake_test_parquet, tmp_path):
         assert row["output"] == step.texts[bi] and row["advantage"] == pytest.approx(step.g_adv[bi])
         assert {k: row[k] for k in SCORE_KEYS} == pytest.approx({k: step.g_scores[k][bi] for k in SCORE_KEYS})
         assert row["parsed"] == float(bi % N_G == 0) and (row["iou"] > 0.95) == (bi % N_G == 0)  # boxes written to 0.1 px
-        assert row["feedback"] == row["acc"] == pytest.approx(0.5)  # one right, one wrong answer per box
+        # one right, one wrong answer per box; a sample without a box earns no feedback (no_feedback)
+        assert row["feedback"] == row["acc"] == pytest.approx(0.5 if bi % N_G == 0 else 0.0)
     for row in r_rows:
         j = next(j for j, t in enumerate(step.r_texts) if t == row["output"] and step.plan.box_index[j] == row["box_index"])
         assert row["advantage"] == pytest.approx(step.r_adv[j])

@@ -4,8 +4,10 @@ a grounding output holds no box on the image (none, unparseable, off the image).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from vitos_verl.pruning import KeepMask, image_geometry
@@ -13,6 +15,7 @@ from vitos_verl.pruning.plan import UNPARSED_BOX_RULES, reasoning_input
 from vitos_verl.trainer.config import ViToSConfig
 from vitos_verl.trainer.dual_stream import plan_reasoning
 
+ROOT = Path(__file__).resolve().parents[1]
 NO_BOX = ("I cannot tell", "<box>[2000, 2000, 2100, 2100]</box>", "<box>[1, 2, 3]</box>", "<box>" + " " * 500)
 
 
@@ -52,7 +55,10 @@ def test_plan_reasoning_follows_the_rule(rule):
 
 
 def test_config_and_reward_kwargs_carry_the_rule():
-    assert ViToSConfig().unparsed_box == "keep_all"  # today's behaviour stays the default
+    # the default gives a missing box nothing: under keep_all a policy learns to give none
+    assert ViToSConfig().unparsed_box == "no_feedback"
+    cfg = OmegaConf.load(ROOT / "vitos_verl" / "trainer" / "conf" / "vitos_trainer.yaml")
+    assert cfg.vitos.unparsed_box == ViToSConfig().unparsed_box  # one default in yaml and dataclass
     assert ViToSConfig(unparsed_box="no_feedback").reward_kwargs(3136, 200704)["unparsed_box"] == "no_feedback"
     with pytest.raises(ValueError, match="vitos.unparsed_box"):
         ViToSConfig(unparsed_box="keep_none")

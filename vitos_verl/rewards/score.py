@@ -34,7 +34,7 @@ from vitos_verl.pruning import (
     image_geometry,
 )
 from vitos_verl.pruning.boxes import MAX_TEXT_CHARS, best_iou, parse_boxes
-from vitos_verl.pruning.plan import UNPARSED_BOX_RULES, Frames, PlanConfig, plan
+from vitos_verl.pruning.plan import DEFAULT_UNPARSED_BOX, UNPARSED_BOX_RULES, Frames, PlanConfig, plan
 from vitos_verl.records import STREAMS
 from vitos_verl.rewards.answers import answer_scores, clean_answer, extract_answer
 
@@ -182,7 +182,7 @@ def grounding_score(
     min_keep_ratio: float = 0.0,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    unparsed_box: str = "keep_all",
+    unparsed_box: str = DEFAULT_UNPARSED_BOX,
 ) -> dict[str, float]:
     """Grounding reward of one sample; see the module docstring.
 

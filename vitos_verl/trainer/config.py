@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from vitos_verl.pruning.boxes import BOX_FORMATS
-from vitos_verl.pruning.plan import PRUNE_MODES, UNPARSED_BOX_RULES
+from vitos_verl.pruning.plan import DEFAULT_UNPARSED_BOX, PRUNE_MODES, UNPARSED_BOX_RULES
 from vitos_verl.records import STREAMS
 from vitos_verl.trainer.streams import STREAM_ORDERS, check_update_streams, update_stages
 
@@ -46,10 +46,12 @@ class ViToSConfig:
             as ``data.box_format`` (:func:`vitos_verl.trainer.checks.check_grounding_prompt`).
         iou_mode: ``best`` or ``union`` over several ground-truth boxes.
         unparsed_box: what a grounding output without a box on the image (none, unparseable,
-            off the image) gives: ``keep_all`` (the reasoning answers see the full image; the
-            sample earns ``w_fb`` times their accuracy), ``keep_min`` (they see
+            off the image) gives: ``no_feedback`` (the default: the reasoning answers see the full
+            image, the sample earns no feedback), ``keep_all`` (full image; the sample earns
+            ``w_fb`` times their accuracy, which a policy learns to exploit by giving no box),
+            ``keep_min`` (they see
             ``ceil(min_keep_ratio * cells)`` cells, at least one, no margin, at the image centre;
-            same feedback) or ``no_feedback`` (full image, no feedback). Never IoU or format
+            feedback as ``keep_all``). Never IoU or format
             credit; keep ratio charged 1.0 (:data:`vitos_verl.pruning.plan.UNPARSED_BOX_RULES`).
         grounding_max_pixels: pixel budget of the grounding stream's image (low-resolution
             grounding, beyond the paper; docs/design.md section 1e), or None (the default, the paper's
@@ -92,7 +94,7 @@ class ViToSConfig:
     prune_mode: str = "tokens"
     box_format: str = "abs"
     iou_mode: str = "best"
-    unparsed_box: str = "keep_all"
+    unparsed_box: str = DEFAULT_UNPARSED_BOX
     reward_timeout_s: float = 30.0
     grounding_max_pixels: int | None = None
     optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
