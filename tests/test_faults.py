@@ -283,6 +283,42 @@ def test_failed_samples_get_zero_advantage():
         check_not_all_failed("reasoning", all_failed, n)
 
 
+def test_malformed_samples_leave_the_loss_but_not_their_group():
+    """vitos.mask_malformed, through the trainer's advantage stage (verl's GRPO): a sample with
+    format 0 keeps its reward in its group (the well-formed samples' advantages are GRPO's over all
+    four) but gets zero advantage and response mask; off (the default), nothing changes."""
+    from dataclasses import replace
+
+    from verl import DataProto
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    scores = torch.tensor([2.0, 0.8, -1.0, 0.5, 1.0, 1.0, 1.0, -1.0])
+    fmt = np.array([1.0, 1.0, 0.0, 1.0, 0.5, 1.0, 1.0, 0.0])
+    n, T = 8, 4
+    mask = torch.ones(n, T, dtype=torch.long)
+    rewards = torch.zeros(n, T)
+    rewards[:, -1] = scores
+    uid = np.array(["q0"] * 4 + ["q1"] * 4, dtype=object)
+    ref, _ = compute_grpo_outcome_advantage(rewards, mask, uid)
+    for on in (False, True):
+        b = DataProto.from_dict(tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone()},
+                                non_tensors={"uid": uid.copy(), "format": fmt.copy()})  # fmt: skip
+        trainer = _trainer(4)
+        trainer.vitos = replace(trainer.vitos, mask_malformed=on)
+        trainer._compute_old_log_prob = lambda data: (
+            DataProto.from_dict(tensors={"old_log_probs": torch.zeros(len(data), T), "entropys": torch.ones(len(data), T)}), 0.0
+        )
+        metrics: dict = {}
+        out = trainer._log_probs(b, metrics, "grounding", {})
+        adv, rmask = out.batch["advantages"], out.batch["response_mask"]
+        bad = [2, 7] if on else []
+        good = [i for i in range(n) if i not in bad]
+        assert torch.allclose(adv[good], ref[good], atol=1e-5)  # the group statistics include the malformed
+        assert adv[bad].abs().sum() == 0 and rmask[bad].sum() == 0 and rmask[good].sum() == len(good) * T
+        assert metrics.get("grounding/masked_malformed") == (0.25 if on else None)
+    assert float(ref[1, 0]) > 0  # a wrong but well-formed box beside a malformed one: pushed up, not down
+
+
 def test_failed_answers_give_their_box_no_feedback():
     """_score_streams: a failed reasoning answer is left out of its box's cross-feedback."""
     from verl import DataProto

@@ -79,6 +79,12 @@ class ViToSConfig:
             rewards of the right scale and spread but unrelated to its samples; the logged
             rewards stay the true ones. A run that rises with it on learns from something other
             than the reward (the warm start, the KL term, the schedule).
+        mask_malformed: samples whose output fails its stream's template (``format == 0``: a
+            grounding output without a well-formed box, an answer outside ``<answer>``) stay in
+            their GRPO group, so the well-formed samples beside them get the higher advantage,
+            but are taken out of the loss: their tokens are not pushed down. Pushed down at a
+            learning rate that moves the policy (1e-3 for the ``learn`` size), garbage samples
+            raised garbage tokens until every output was malformed (docs/learning.md section 3).
     """
 
     order: str = "grounding_first"
@@ -99,6 +105,7 @@ class ViToSConfig:
     grounding_max_pixels: int | None = None
     optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
     shuffle_rewards: bool = False
+    mask_malformed: bool = False
     update_streams: tuple[str, ...] = STREAMS
 
     def __post_init__(self) -> None:

@@ -101,3 +101,30 @@ def mask_failed(batch, failed: np.ndarray) -> np.ndarray:
         batch.non_tensor_batch["uid"] = new
     return uid
 
+
+
+def mask_malformed(batch) -> float:
+    """Take samples that fail their stream's template out of the loss, in place, after the advantages.
+
+    A sample with ``format == 0`` (``non_tensor_batch["format"]``, the reward's format score:
+    a grounding output without a well-formed box, an answer outside the template) keeps its
+    reward in its GRPO group, so the well-formed samples of the group get the higher advantage,
+    but its ``response_mask`` and ``advantages`` rows become 0, so its tokens are not pushed down
+    (``vitos.mask_malformed``; :class:`vitos_verl.trainer.config.ViToSConfig`).
+
+    Args:
+        batch: a verl ``DataProto`` with ``response_mask`` and ``advantages`` ``(N, T)`` and a
+            ``format`` column ``(N,)`` of floats in ``[0, 1]``.
+
+    Returns:
+        The fraction of the batch's samples taken out, logged as ``<stream>/masked_malformed``.
+
+    Raises:
+        KeyError: the batch has no ``format`` column (its rewards were not computed).
+    """
+    bad = np.asarray(batch.non_tensor_batch["format"], dtype=np.float64) <= 0.0
+    idx = torch.as_tensor(np.flatnonzero(bad), dtype=torch.long)
+    if idx.numel():
+        batch.batch["response_mask"][idx] = 0
+        batch.batch["advantages"][idx] = 0.0
+    return float(bad.mean()) if bad.size else 0.0

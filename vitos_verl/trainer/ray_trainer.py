@@ -81,7 +81,7 @@ from vitos_verl.trainer.dual_stream import (
     stream_metrics,
     with_stream,
 )
-from vitos_verl.trainer.faults import check_not_all_failed, failed_mask, fault_metrics, mask_failed
+from vitos_verl.trainer.faults import check_not_all_failed, failed_mask, fault_metrics, mask_failed, mask_malformed
 from vitos_verl.trainer.loop import final_actions, last_step, step_actions
 from vitos_verl.trainer.optim_steps import LR_STEP_KEY, MINI_BATCH_KEY, mini_batch_size, optim_steps_taken
 from vitos_verl.trainer.perf import step_perf_metrics, stream_perf_metrics
@@ -294,6 +294,8 @@ class ViToSRayTrainer(RayPPOTrainer):
                 config=self.config.algorithm,
             )
             b.non_tensor_batch["uid"] = uid
+            if self.vitos.mask_malformed:
+                metrics[f"{stream}/masked_malformed"] = mask_malformed(b)
         return b
 
     def _old_and_ref(self, b: DataProto, metrics: dict, stream: str, timing: dict) -> DataProto:
