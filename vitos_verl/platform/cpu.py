@@ -7,8 +7,9 @@ package's ``verl.plugins`` entry point (verl loads those at ``import verl``) and
 workers on the ``GPU`` resource (start Ray with fake GPUs: ``ray.init(num_gpus=N)``), memory
 and profiler calls are no-ops (docs/design.md section 3).
 
-:func:`install` (run on import when ``VERL_PLATFORM=cpu``) applies two torch shims, and only
-these: verl joins process-group backends as ``"cpu:gloo,<device>:<backend>"``, which becomes
+:func:`install` (run on import when ``VERL_PLATFORM=cpu``) applies two torch shims (written
+against torch 2.11.0, pyproject.toml; docs/upstream.md rows P1, P2), and only these: verl joins
+process-group backends as ``"cpu:gloo,<device>:<backend>"``, which becomes
 ``"cpu:gloo,cpu:gloo"`` here and torch rejects the repeated device, so it wraps
 ``torch.distributed.init_process_group`` to drop the duplicate; and verl's FSDP2 reference model
 asks for pinned host memory, which needs a CUDA driver, so without CUDA it makes

@@ -69,8 +69,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,13 +83,10 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.cache import MultiModalProcessorSenderCache, ShmObjectStoreSenderCache
-from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.processing import PromptReplacement
-from vllm.multimodal.processing.inputs import ProcessorInputs
-from vllm.multimodal.processing.processor import MultiModalProcessingInfo
 
+from vitos_verl.compat import vllm_0_24
 from vitos_verl.pruning import (
     IMAGE_KEY_FIELD,
     KEEP_FIELD,
@@ -108,10 +103,6 @@ VIT_CACHE_ITEMS = int(os.environ.get("VITOS_VIT_CACHE_ITEMS", "256"))
 VIT_CACHE_BYTES = int(float(os.environ.get("VITOS_VIT_CACHE_MB", "1024")) * (1 << 20))
 CARRIERS = int(os.environ.get("VITOS_CARRIERS", "65536"))
 RPC_STATS = "vitos_vit_cache_stats"  # worker method name for collective_rpc (see _patch_runner_resets)
-# vLLM 0.24.0 renderers/base.py `_process_mm_uuids`: with mm_processor_cache_gb == 0 and prefix
-# caching off it replaces every uuid by "<mm_req_id>-<modality>-<index>", one per request.
-_PER_REQUEST_UUID = re.compile(r"^renderer\d+-mm-\d+-image-\d+$")
-_SENDER_CACHES = (MultiModalProcessorSenderCache, ShmObjectStoreSenderCache)
 
 
 def _strip(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,33 +140,12 @@ def _patch_runner_resets() -> None:
     imported (the one building this model is), no others. Also gives vLLM's ``Worker``
     (``vllm/v1/worker/gpu_worker.py``, the CPU worker's base) a method :data:`RPC_STATS`, so an
     engine's ``collective_rpc("vitos_vit_cache_stats")`` returns :func:`vit_cache_stats` per worker.
+    The patching is :func:`vitos_verl.compat.vllm_0_24.install_runner_resets`.
     """
-    hooks = {"reset_encoder_cache": "clear_vit_cache", "reset_mm_cache": "clear_vit_pixels"}
-    for name in ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner"):
-        runner_cls = getattr(sys.modules.get(name), "GPUModelRunner", None)
-        if runner_cls is None:
-            continue
-        for method, clear_name in hooks.items():
-            orig = getattr(runner_cls, method, None)
-            if orig is None or getattr(orig, "_vitos", False):
-                continue
-
-            def reset(self, _orig=orig, _clear=clear_name) -> None:
-                _orig(self)
-                try:
-                    model = self.get_model()
-                except (AttributeError, ValueError):  # no model loaded yet
-                    return
-                clear = getattr(model, _clear, None)
-                if clear is not None:
-                    clear()
-
-            reset._vitos = True
-            reset.__name__ = method
-            setattr(runner_cls, method, reset)
-    worker_cls = getattr(sys.modules.get("vllm.v1.worker.gpu_worker"), "Worker", None)
-    if worker_cls is not None and not hasattr(worker_cls, RPC_STATS):
-        setattr(worker_cls, RPC_STATS, worker_vit_cache_stats)  # collective_rpc by name: no pickled callable
+    vllm_0_24.install_runner_resets(
+        {"reset_encoder_cache": "clear_vit_cache", "reset_mm_cache": "clear_vit_pixels"},
+        {RPC_STATS: worker_vit_cache_stats},  # collective_rpc by name: no pickled callable
+    )
 
 
 clear_vit_cache_on_encoder_reset = _patch_runner_resets  # the name this module used before
@@ -186,8 +156,12 @@ class ViToSProcessingInfo(Qwen2_5_VLProcessingInfo):
         return super().get_hf_processor(**_strip(kwargs))
 
 
-class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+class ViToSMultiModalProcessor(vllm_0_24.ProcessorHooks, Qwen2_5_VLMultiModalProcessor):
     """Emits ``K`` image tokens for a pruned image; sends a pruned item without pixels when it can.
+
+    vLLM's private processor methods reach this class through
+    :class:`vitos_verl.compat.vllm_0_24.ProcessorHooks` (``cached_apply``, ``call_hf_processor``,
+    ``fields_config``, ``prompt_updates``), and so do its calls into vLLM's private ones.
 
     Counters (``front_end_stats``): ``requests`` (image requests through this path),
     ``pruned``, ``pixelless`` (pruned items sent without pixels), ``with_pixels`` (items whose
@@ -206,13 +180,7 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         self.stats = dict.fromkeys(("requests", "pruned", "pixelless", "with_pixels", "cached", "hf_calls"), 0)
         self._image_token: int | None = None
         if cache is not None:  # vLLM's reset_mm_cache empties the sender cache: forget the carriers too
-            orig_clear = cache.clear_cache
-
-            def clear_cache() -> None:
-                orig_clear()
-                self.clear_carriers()
-
-            cache.clear_cache = clear_cache
+            vllm_0_24.on_cache_clear(cache, self.clear_carriers)
 
     # -- the carrier map: which images have their pixels on this engine --------------------
     def clear_carriers(self) -> None:
@@ -230,49 +198,43 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     def _carrier_grid(self, h_img: str) -> tuple[int, int, int] | None:
         """The grid of ``h_img`` if its pixels are on this engine (its carrier is in the sender cache)."""
         cache = self.cache
-        if not _pixelless_enabled() or not isinstance(cache, _SENDER_CACHES):
+        if not _pixelless_enabled() or not vllm_0_24.is_sender_cache(cache):
             return None
         with self._carriers_lock:
             entry = self._carriers.get(h_img)
         if entry is None:
             return None
         grid, carrier_hash = entry
-        # is_cached_item does not touch the LRU order: the engine's receiver cache stays mirrored
-        return grid if cache.is_cached_item(carrier_hash) else None
+        # does not touch the LRU order: the engine's receiver cache stays mirrored
+        return grid if vllm_0_24.holds_item(cache, carrier_hash) else None
 
     # -- hashing -------------------------------------------------------------------------
-    def _image_hashes(self, inputs: ProcessorInputs, kwargs: Mapping[str, object]) -> tuple[list[str], list[str]]:
+    def _image_hashes(self, inputs, kwargs: Mapping[str, object]) -> tuple[list[str], list[str]]:
         """``(h_img, key_src)`` per image: vLLM's item hash without ``vitos_*`` kwargs, and what the
         ViT-cache key is derived from (``h_img``, except for the per-request uuids vLLM 0.24.0
         invents when both its caches are off: then the content hash, so the grounding and the
-        reasoning pass of one image still share one ViT pass)."""
-        stock = ProcessorInputs(inputs.prompt, inputs.mm_data_items, inputs.mm_uuid_items, hf_processor_mm_kwargs=kwargs)
-        h_img = stock.get_mm_hashes(self.info.model_id)["image"]
-        uuids = (inputs.mm_uuid_items or {}).get("image")
-        if uuids is None or not any(isinstance(u, str) and _PER_REQUEST_UUID.match(u) for u in uuids):
-            return h_img, h_img
-        content = ProcessorInputs(inputs.prompt, inputs.mm_data_items, None, hf_processor_mm_kwargs=kwargs)
-        return h_img, content.get_mm_hashes(self.info.model_id)["image"]
+        reasoning pass of one image still share one ViT pass). ``inputs``: vLLM's ``ProcessorInputs``."""
+        return self.image_hashes(inputs, kwargs)
 
     def _pruned_hash(self, h_img: str, spec: str) -> str:
-        return MultiModalHasher.hash_kwargs(model_id=self.info.model_id, image=h_img, **{KEEP_KWARG: spec})
+        return self.hash_image_with(h_img, **{KEEP_KWARG: spec})
 
-    # -- vLLM hooks ------------------------------------------------------------------------
-    def _call_hf_processor(self, prompt, mm_data, mm_kwargs, tok_kwargs):
+    # -- vLLM hooks (through vllm_0_24.ProcessorHooks) ----------------------------------------
+    def call_hf_processor(self, prompt, mm_data, mm_kwargs, tok_kwargs):
         if mm_data.get("images"):
             self.stats["hf_calls"] += 1
-        return super()._call_hf_processor(prompt, mm_data, _strip(mm_kwargs), tok_kwargs)
+        return super().call_hf_processor(prompt, mm_data, _strip(mm_kwargs), tok_kwargs)
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+    def fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        config = dict(super().fields_config(hf_inputs, hf_processor_mm_kwargs))
         if KEEP_FIELD in hf_inputs:
             grid = hf_inputs["image_grid_thw"]
             config[KEEP_FIELD] = MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1) // (MERGE_SIZE * MERGE_SIZE))
             config[IMAGE_KEY_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return config
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = list(super()._get_prompt_updates(mm_items, _strip(hf_processor_mm_kwargs), out_mm_kwargs))
+    def prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = list(super().prompt_updates(mm_items, _strip(hf_processor_mm_kwargs), out_mm_kwargs))
         if self._image_token is None:
             self._image_token = self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor().image_token]
         image_token = self._image_token
@@ -291,14 +253,15 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             for u in updates
         ]
 
-    def _cached_apply_hf_processor(self, inputs: ProcessorInputs, timing_ctx) -> tuple[list[int], MultiModalProcessingInfo, bool]:
+    def cached_apply(self, inputs, timing_ctx):
         """vLLM 0.24.0 ``BaseMultiModalProcessor._cached_apply_hf_processor``
         (``vllm/multimodal/processing/processor.py``) for image-only requests, hashing and
         processing each image once (see the module docstring). It reuses that file's
         ``_apply_hf_processor_text_only`` / ``_tokens_only`` / ``_mm_only``,
         ``_get_mm_prompt_updates`` and ``_merge_mm_kwargs`` (which stores new items in vLLM's
         processor cache and returns the cached ones' resolved prompt updates), and
-        ``ProcessorInputs.get_mm_hashes`` (``vllm/multimodal/processing/inputs.py``) for ``h_img``.
+        ``ProcessorInputs.get_mm_hashes`` (``vllm/multimodal/processing/inputs.py``) for ``h_img``,
+        all through the helpers of :class:`vitos_verl.compat.vllm_0_24.ProcessorHooks`.
 
         Returns what the parent returns: the prompt's token ids before prompt updates (``list[int]``),
         the items / hashes / resolved prompt updates, and ``False`` (updates not applied yet).
@@ -313,13 +276,13 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         """
         items = inputs.mm_data_items
         spec = inputs.hf_processor_mm_kwargs.get(KEEP_KWARG) or None  # KEEP_ALL ("") is the unpruned request
-        _, passthrough = self._get_hf_mm_data(items)
+        passthrough = self.passthrough_mm_data(items)
         counts = {m: c for m, c in items.get_all_counts().items() if c > 0}
         if passthrough or set(counts) != {"image"}:
             if spec is not None:
                 raise ValueError(f"{KEEP_KWARG} prunes the pixels of exactly one image; this request has {counts or 'none'}"
                                  + (" given as embeddings" if passthrough else ""))
-            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+            return super().cached_apply(inputs, timing_ctx)
         n = counts["image"]
         if spec is not None and n != 1:
             raise ValueError(f"{KEEP_KWARG} prunes one image per request; this request has {n}")
@@ -327,23 +290,20 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         self.stats["requests"] += 1
         self.stats["pruned"] += spec is not None
 
-        with timing_ctx.record("get_mm_hashes"):
+        with self.timed(timing_ctx, "get_mm_hashes"):
             h_img, key_src = self._image_hashes(inputs, kwargs)
             item_hashes = [self._pruned_hash(h_img[0], spec)] if spec is not None else list(h_img)
 
         cache = self.cache
-        is_cached = cache.is_cached(item_hashes) if cache is not None else [False] * n
+        is_cached = vllm_0_24.cached_flags(cache, item_hashes) if cache is not None else [False] * n
         self.stats["cached"] += sum(is_cached)
         pixelless_grid = [None if is_cached[i] or spec is None else self._carrier_grid(h_img[i]) for i in range(n)]
         to_process = [i for i in range(n) if not is_cached[i] and pixelless_grid[i] is None]
         new = [i for i in range(n) if not is_cached[i]]
         mask = KeepMask.decode(spec) if spec is not None and new else None  # a cached item was checked already
 
-        with timing_ctx.record("apply_hf_processor"):
-            if isinstance(inputs.prompt, str):
-                prompt_ids = self._apply_hf_processor_text_only(inputs.prompt, inputs.tokenization_kwargs)
-            else:
-                prompt_ids = self._apply_hf_processor_tokens_only(inputs.prompt)
+        with self.timed(timing_ctx, "apply_hf_processor"):
+            prompt_ids = self.prompt_token_ids(inputs)
             processed = None
             if to_process:
                 data = [items["image"].get(i) for i in to_process]
@@ -351,9 +311,7 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
                     raise ValueError(
                         "an image given by uuid only (no data) is neither in vLLM's processor cache nor on this engine"
                     )
-                processed = self._apply_hf_processor_mm_only(
-                    self.info.parse_mm_data({"image": data}, validate=False), kwargs, inputs.tokenization_kwargs
-                )
+                processed = self.process_images(data, kwargs, inputs.tokenization_kwargs)
                 self.stats["with_pixels"] += len(to_process)
 
         # the new items, in request order: processed ones (pixels) and pixel-less ones
@@ -367,7 +325,7 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
                 masks = [mask.flat()]
             processed[KEEP_FIELD] = torch.cat(masks)
             processed[IMAGE_KEY_FIELD] = torch.stack([image_key(key_src[i]) for i in to_process])
-            built = MultiModalKwargsItems.from_hf_inputs(processed, self._get_mm_fields_config(processed, kwargs))["image"]
+            built = MultiModalKwargsItems.from_hf_inputs(processed, self.fields_config(processed, kwargs))["image"]
             for j, i in enumerate(to_process):
                 new_items[i], grids[i] = built[j], grid[j].tolist()
         for i in new:
@@ -380,37 +338,27 @@ class ViToSMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
                 KEEP_FIELD: mask.flat(),
                 IMAGE_KEY_FIELD: image_key(key_src[i]).unsqueeze(0),
             })
-            new_items[i] = MultiModalKwargsItems.from_hf_inputs(bf, self._get_mm_fields_config(bf, kwargs))["image"][0]
+            new_items[i] = MultiModalKwargsItems.from_hf_inputs(bf, self.fields_config(bf, kwargs))["image"][0]
             self.stats["pixelless"] += 1
         new_kwargs = MultiModalKwargsItems({"image": [new_items[i] for i in new]} if new else {})
-        new_updates = self._get_mm_prompt_updates(
-            self.info.parse_mm_data({"image": [items["image"].get(i) for i in new]}, validate=False) if new
-            else self.info.parse_mm_data({}, validate=False),
-            kwargs,
-            new_kwargs,
-        )
+        new_updates = self.image_prompt_updates([items["image"].get(i) for i in new], kwargs, new_kwargs)
 
         if cache is None:
             mm_kwargs, mm_prompt_updates = new_kwargs, new_updates
         else:
-            with timing_ctx.record("merge_mm_kwargs"):
-                mm_kwargs, mm_prompt_updates = self._merge_mm_kwargs(
-                    cache,
-                    mm_hashes={"image": item_hashes},
-                    mm_is_cached={"image": is_cached},
-                    mm_missing_kwargs=new_kwargs,
-                    mm_missing_prompt_updates=new_updates,
+            with self.timed(timing_ctx, "merge_mm_kwargs"):
+                mm_kwargs, mm_prompt_updates = self.merge_with_cache(
+                    cache, item_hashes, is_cached, new_kwargs, new_updates
                 )
         for i in to_process:  # these items carried the pixels to the engine, under item_hashes[i]
             self._remember_carrier(h_img[i], grids[i], item_hashes[i])
-        return prompt_ids, MultiModalProcessingInfo(mm_kwargs, {"image": item_hashes}, mm_prompt_updates), False
+        return self.processing_result(prompt_ids, mm_kwargs, item_hashes, mm_prompt_updates)
 
 
 def front_end_stats(llm) -> dict[str, int]:
     """This package's front-end counters of a ``vllm.LLM`` (in-process processor; see
     :class:`ViToSMultiModalProcessor`): ``dict[str, int]``, cumulative since the engine started."""
-    processor = llm.llm_engine.renderer.get_mm_processor()
-    return dict(getattr(processor, "stats", {}))
+    return dict(getattr(vllm_0_24.mm_processor_of(llm), "stats", {}))
 
 
 def vit_cache_stats(model) -> dict[str, float]:
@@ -442,17 +390,13 @@ def worker_vit_cache_stats(worker) -> dict[str, float]:
 
 def _default_pixel_bytes(vllm_config) -> int:
     """Bytes of preprocessed pixels the model keeps: ``VITOS_PIXEL_CACHE_MB``, else the engine's
-    ``mm_processor_cache_gb`` when the front end can send pixel-less items (a sender cache:
-    vLLM 0.24.0 ``MultiModalRegistry._get_cache_type``, ``vllm/multimodal/registry.py``), else 0."""
+    ``mm_processor_cache_gb`` when the front end can send pixel-less items (a sender cache), else 0
+    (:func:`vitos_verl.compat.vllm_0_24.sender_cache_bytes`: if vLLM's cache-type query is gone,
+    a logged warning and its 4 GiB fallback)."""
     env = os.environ.get("VITOS_PIXEL_CACHE_MB")
     if env is not None:
         return int(float(env) * (1 << 20))
-    try:
-        cache_type = MULTIMODAL_REGISTRY._get_cache_type(vllm_config)
-        gb = vllm_config.model_config.get_multimodal_config().mm_processor_cache_gb
-    except Exception:  # noqa: BLE001 - an unknown config layout: keep pixels as with the default cache
-        return 4 << 30
-    return int(gb * (1 << 30)) if cache_type in ("lru", "shm") else 0
+    return vllm_0_24.sender_cache_bytes(vllm_config)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -473,7 +417,7 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         encoder CUDA graphs (``GPUModelRunner._execute_mm_encoder``,
         ``vllm/v1/worker/gpu_model_runner.py``) run the ViT without ``embed_multimodal``, so
         pruned items would get every row of the image (and pixel-less ones none)."""
-        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+        if vllm_0_24.encoder_cudagraphs_on(vllm_config):
             raise ValueError(f"{ARCH} needs embed_multimodal: turn compilation_config.cudagraph_mm_encoder off")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vit_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()

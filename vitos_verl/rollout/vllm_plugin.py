@@ -2,12 +2,15 @@
 
 Loaded by vLLM in every process through this package's ``vllm.general_plugins`` entry point
 (pyproject.toml), so it also reaches the engine processes verl's async server spawns. The
-model module is imported lazily by vLLM's registry (no vLLM model code at plugin load).
+model module is imported lazily by vLLM's registry (no vLLM model code at plugin load; the
+compatibility layer :mod:`vitos_verl.compat.vllm_0_24` imports vLLM only when called).
 """
 
 from __future__ import annotations
 
 import os
+
+from vitos_verl.compat import vllm_0_24
 
 ARCH = "ViToSQwen2_5_VLForConditionalGeneration"
 
@@ -32,22 +35,11 @@ def keep_cpu_linear_weights() -> None:
     vLLM-CPU prepacks each Linear weight for oneDNN and replaces ``layer.weight`` with an
     empty tensor, so verl's weight sync ("Attempted to load weight ... into parameter
     torch.Size([0])") has nowhere to write the trained policy. CPU rollouts are for
-    development and CI, where the prepacked kernel's speed does not matter.
+    development and CI, where the prepacked kernel's speed does not matter. The replacement of
+    vLLM 0.24.0's ``dispatch_cpu_unquantized_gemm`` is
+    :func:`vitos_verl.compat.vllm_0_24.install_plain_cpu_linear`.
     """
-    import torch
-    from vllm.model_executor.layers import utils
-
-    orig = utils.dispatch_cpu_unquantized_gemm
-    if getattr(orig, "_vitos_plain", False):
-        return
-
-    def dispatch_plain(layer: torch.nn.Module, remove_weight: bool) -> None:
-        if layer.weight.is_meta or layer.weight.ndim != 2:  # not a Linear: vLLM's own handling
-            return orig(layer, remove_weight)
-        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
-
-    dispatch_plain._vitos_plain = True
-    utils.dispatch_cpu_unquantized_gemm = dispatch_plain  # linear.py imports it at call time
+    vllm_0_24.install_plain_cpu_linear()
 
 
 def hf_overrides() -> dict:
