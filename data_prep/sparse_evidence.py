@@ -57,8 +57,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 210, 220),
 }
 BACKGROUND = (20, 20, 20)
-# the drawing keeps (255 - position_cue) / 255 of its contrast under the bias field: at least half
-MAX_POSITION_CUE = 128.0
 OUTLINE = (128, 128, 128)  # mid-grey: no answer's colour, and the position cue does not saturate it
 
 
@@ -80,9 +78,11 @@ class TaskSpec:
         position_cue: a bias field that tells where a pixel is: after drawing, every pixel's red
             channel rises by up to ``position_cue`` (intensity levels) from the left edge to the
             right one and its blue channel likewise from top to bottom (0: none), as the bias
-            field of an MRI scanner shades a scan; the drawing is first scaled into
-            ``[0, 255 - position_cue]`` so that no channel saturates and every pixel keeps both
-            its row and its column. Qwen2.5-VL has no absolute position embedding
+            field of an MRI scanner shades a scan. Bright channels saturate (a red disc's red
+            channel is 255 wherever the field passes 35), so red and yellow discs keep their
+            column only where the field is low; scaling the drawing into ``[0, 255 - cue]``
+            first removes that, but then 250 warm-start steps learned no position at all
+            (docs/learning.md section 3), so the drawing is left as it is. Qwen2.5-VL has no absolute position embedding
             (2-D RoPE in the ViT, M-RoPE in the LLM: relative positions only), and a visual token
             that the disc fills shows nothing of where it lies; with the field, the disc's own
             pixels carry their position. Measured with the ``learn`` policy under supervision
@@ -115,8 +115,8 @@ class TaskSpec:
                 )
         if self.noise < 0:
             raise ValueError(f"noise={self.noise} must be >= 0")
-        if not 0 <= self.position_cue <= MAX_POSITION_CUE:
-            raise ValueError(f"position_cue={self.position_cue} must be in [0, {MAX_POSITION_CUE}]")
+        if not 0 <= self.position_cue <= 255 - max(BACKGROUND):
+            raise ValueError(f"position_cue={self.position_cue} must be in [0, {255 - max(BACKGROUND)}]")
         if not 0 <= self.outline < self.object_cells * CELL / 2:
             raise ValueError(f"outline={self.outline} must be >= 0 and less than the object's radius")
 
@@ -161,11 +161,8 @@ def draw(spec: TaskSpec, target_region: int, colours: Sequence[str], rng: np.ran
             pen.rectangle([x, y, x + obj - 1, y + obj - 1], fill=PALETTE[name])
     px = np.asarray(canvas, dtype=np.float32)
     if spec.position_cue:  # a bias field over every pixel, objects included
-        # the drawing is first scaled into [0, 255 - position_cue] so that no channel saturates:
-        # added to full colours, the field clipped (a red disc's red channel was 255 wherever the
-        # field passed 35) and hid the column of red and yellow discs and the row of blue ones
         ramp = np.linspace(0.0, spec.position_cue, spec.size, dtype=np.float32)
-        px = px * ((255.0 - spec.position_cue) / 255.0) + np.stack([np.broadcast_to(ramp[None, :], px.shape[:2]), np.zeros(px.shape[:2], np.float32),
+        px = px + np.stack([np.broadcast_to(ramp[None, :], px.shape[:2]), np.zeros(px.shape[:2], np.float32),
                             np.broadcast_to(ramp[:, None], px.shape[:2])], axis=-1)  # fmt: skip
     if spec.noise > 0:
         px = px + rng.normal(0.0, spec.noise, (spec.size, spec.size, 3))

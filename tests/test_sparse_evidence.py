@@ -130,30 +130,24 @@ def test_format_only_warm_start_draws_targets_from_other_rows(task):
 
 def test_position_cue_shades_every_pixel_by_where_it_is():
     """``position_cue`` adds a bias field over the whole image, objects included (red rises left to
-    right, blue top to bottom, by at most the cue) after scaling the drawing into
-    ``[0, 255 - cue]``, so no channel saturates and a disc's own pixels tell both its row and its
-    column whatever its colour; the same disc drawn in another quadrant differs only by the field.
-    ``distractor_cells`` draws the squares smaller than the disc. Without the options the image is
-    the plain one."""
-    cue = 120.0
-    plain, cued = se.TaskSpec(noise=0.0), se.TaskSpec(noise=0.0, position_cue=cue)
-    ramp = np.linspace(0.0, cue, 224)
-    for colour in ("red", "yellow", "blue"):  # the colours whose channels the field used to clip
-        shades = []
-        for region in (0, 1, 2, 3):
-            colours = [colour if k == region else None for k in range(4)]
-            a = np.asarray(se.draw(plain, region, colours, np.random.default_rng(0)), dtype=np.float64)
-            b = np.asarray(se.draw(cued, region, colours, np.random.default_rng(0)), dtype=np.float64)
-            expected = a * (255.0 - cue) / 255.0
-            expected[..., 0] += ramp[None, :]
-            expected[..., 2] += ramp[:, None]
-            assert np.abs(b - expected).max() <= 1.0  # the field, and nothing clipped
-            disc = (a != np.asarray(se.BACKGROUND)).any(-1)
-            assert disc.sum() > 500
-            shades.append(b[disc].mean(0))
-        # left (0, 2) against right (1, 3): the red channel; top (0, 1) against bottom (2, 3): blue
-        assert min(shades[1][0], shades[3][0]) > max(shades[0][0], shades[2][0]) + 40, (colour, shades)
-        assert min(shades[2][2], shades[3][2]) > max(shades[0][2], shades[1][2]) + 40, (colour, shades)
+    right, blue top to bottom, by at most the cue), so a disc's own pixels tell its quadrant; the
+    same disc drawn in another quadrant differs only by the field. ``distractor_cells`` draws the
+    squares smaller than the disc. Without the options the image is the plain one."""
+    plain, cued = se.TaskSpec(noise=0.0), se.TaskSpec(noise=0.0, position_cue=120.0)
+    colours = ["red", None, None, None]
+    a = np.asarray(se.draw(plain, 0, colours, np.random.default_rng(0)), dtype=np.int16)
+    b = np.asarray(se.draw(cued, 0, colours, np.random.default_rng(0)), dtype=np.int16)
+    field = b - a
+    assert field[..., 1].max() == 0  # green untouched
+    assert field[0, 0].tolist() == [0, 0, 0] and field[-1, -1].tolist() == [120, 0, 120]
+    assert (np.diff(field[..., 0], axis=1) >= 0).all() and (np.diff(field[..., 2], axis=0) >= 0).all()
+    disc = (a != np.asarray(se.BACKGROUND)).any(-1)
+    assert disc.sum() > 500 and (field[disc][:, 0] > 0).all()  # the disc is shaded too
+    # the same disc in the top-left and bottom-right quadrant: different pixels once cued
+    br = np.asarray(se.draw(cued, 3, [None, None, None, "red"], np.random.default_rng(0)), dtype=np.int16)
+    br_plain = np.asarray(se.draw(plain, 3, [None, None, None, "red"], np.random.default_rng(0)), dtype=np.int16)
+    br_disc = (br_plain != np.asarray(se.BACKGROUND)).any(-1)
+    assert br[br_disc][:, 2].mean() > b[disc][:, 2].mean() + 60  # its blue channel says "bottom"
     with pytest.raises(ValueError, match="position_cue"):
         se.TaskSpec(position_cue=300).check()
     # squares of 1 cell beside a disc of 2
