@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -231,3 +233,35 @@ def test_unparsed_box_rule_sets_feedback(rule, feedback):
     assert good["feedback"] == 0.75  # a parsed box earns its feedback under every rule
     with pytest.raises(ValueError, match="unparsed_box"):
         compute_score("slake", "no box", "x", info, unparsed_box="keep_none")
+
+
+def test_pruned_feedback_scale_puts_both_safe_boxes_below_a_guess(tmp_path):
+    """vitos.feedback_scale: on the controlled task's images (224 px, the evidence one quadrant),
+    with the answer accuracies measured from each box (docs/learning.md section 4), the plain
+    cross-feedback ranks the whole-image box above a guessed quadrant; crediting the feedback by
+    the tokens pruned (``pruned``) puts both the whole image and a tiny box below the guess, the
+    right box still far above, and leaves the reported feedback the answers' accuracy."""
+    from data_prep import sparse_evidence
+
+    sparse_evidence.generate(tmp_path, seed=3, n_train=4, n_val=1)
+    rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    kw = {"margin_cells": 1, "min_pixels": 3136, "max_pixels": 50176}
+    for row in rows:
+        info = {**row["extra_info"], "stream": "grounding"}
+        gt = [int(v) for v in info["gt_boxes"][0]]
+        quadrants = [[x, y, x + 112, y + 112] for y in (0, 112) for x in (0, 112)]
+        boxes = {"right": (gt, 0.9), "whole": ([0, 0, 224, 224], 0.7), "tiny": ([0, 0, 14, 14], 0.25)}
+        for scale in ("none", "pruned"):
+            s = {k: compute_score("sparse_evidence", "<box>[{}, {}, {}, {}]</box>".format(*b), "", {**info, "feedback_acc": a},
+                                  feedback_scale=scale, **kw) for k, (b, a) in boxes.items()}  # fmt: skip
+            # a guess: each quadrant once, the answers right only from the right one
+            guess = np.mean([compute_score("sparse_evidence", "<box>[{}, {}, {}, {}]</box>".format(*q), "",
+                                           {**info, "feedback_acc": 0.9 if q == gt else 0.0}, feedback_scale=scale, **kw)["score"]
+                             for q in quadrants])  # fmt: skip
+            assert s["whole"]["feedback"] == 0.7 and s["whole"]["keep_ratio"] == 1.0
+            if scale == "none":
+                assert s["whole"]["score"] > guess
+            else:
+                assert s["whole"]["score"] < guess and s["tiny"]["score"] < guess < s["right"]["score"] - 1.0
+    with pytest.raises(ValueError, match="feedback_scale"):
+        compute_score("slake", "<box>[0, 0, 10, 10]</box>", "x", {"stream": "grounding", "image_size": [64, 64]}, feedback_scale="x")

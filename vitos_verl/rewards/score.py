@@ -54,8 +54,13 @@ _BOX_TAIL = re.compile(rf"<box>\s*+\[{_INT_OR_DEC},{_INT_OR_DEC},{_INT_OR_DEC},{
 # compute_score's keyword arguments that the grounding reward takes (the reasoning one takes w_fmt)
 _GROUNDING_KWARGS = (
     "w_iou", "w_fb", "w_fmt", "w_keep", "w_acc", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "min_pixels", "max_pixels",
-    "unparsed_box",
+    "unparsed_box", "feedback_scale",
 )  # fmt: skip
+
+#: How the answers' accuracy is credited to their box (``vitos.feedback_scale``): ``none`` (the
+#: paper's cross-feedback: ``w_fb * feedback``) or ``pruned`` (``w_fb * feedback * (1 - keep_ratio)``:
+#: a box earns its answers' accuracy in proportion to the visual tokens it pruned).
+FEEDBACK_SCALES = ("none", "pruned")
 
 # One key set for every sample so verl can batch reward_extra_info across both streams.
 # ``acc``: the reasoning answer's accuracy; for a grounding sample the cross-feedback (as ``feedback``).
@@ -183,6 +188,7 @@ def grounding_score(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     unparsed_box: str = DEFAULT_UNPARSED_BOX,
+    feedback_scale: str = "none",
 ) -> dict[str, float]:
     """Grounding reward of one sample; see the module docstring.
 
@@ -198,17 +204,27 @@ def grounding_score(
     ``keep_ratio = 1.0``, and earns feedback as ``unparsed_box`` says
     (:data:`UNPARSED_BOX_RULES`: ``no_feedback`` gives 0, the others ``feedback_acc``).
 
+    ``feedback_scale`` (:data:`FEEDBACK_SCALES`): with ``pruned`` the score credits the feedback
+    times ``1 - keep_ratio``, so a box over the whole image earns none of it and a box that keeps
+    few tokens earns nearly all (``feedback`` in the returned dict stays the answers' accuracy).
+    With the plain credit, a box over the whole image, whose answers see every token, scores above
+    a guessed box whenever the full image answers better than a guess, and no ``w_keep`` keeps
+    both it and a tiny box below a guess on the controlled task (docs/learning.md section 4).
+
     The output's own answer (after its box) is scored against ``ground_truth`` like a reasoning
     answer (:func:`own_answer_acc`) and reported as ``answer_acc``; it enters the score as
     ``w_acc * answer_acc``, and with ``w_acc > 0`` (the prompt asked for it) the format needs it.
     It is scored whether or not the output held a box.
 
     Raises:
-        ValueError: ``unparsed_box`` not in :data:`UNPARSED_BOX_RULES` (and the config errors of
+        ValueError: ``unparsed_box`` not in :data:`UNPARSED_BOX_RULES`, ``feedback_scale`` not in
+            :data:`FEEDBACK_SCALES` (and the config errors of
             :func:`compute_score`).
     """
     if unparsed_box not in UNPARSED_BOX_RULES:
         raise ValueError(f"unparsed_box must be one of {UNPARSED_BOX_RULES}, got {unparsed_box!r}")
+    if feedback_scale not in FEEDBACK_SCALES:
+        raise ValueError(f"feedback_scale must be one of {FEEDBACK_SCALES}, got {feedback_scale!r}")
     orig = _size(extra_info.get("image_size"))
     if orig is None:
         return _zero(keep=1.0)
@@ -233,7 +249,8 @@ def grounding_score(
     answer = w_acc > 0
     fmt = format_score(solution_str, "grounding", image_size=resized, box_format=box_format, answer=answer) if pred is not None else 0.0
     own = own_answer_acc(solution_str, ground_truth, extra_info)["acc"]
-    score = w_iou * iou_v + w_fb * fb + w_fmt * fmt - w_keep * kr + w_acc * own
+    credit = fb * (1.0 - kr) if feedback_scale == "pruned" else fb
+    score = w_iou * iou_v + w_fb * credit + w_fmt * fmt - w_keep * kr + w_acc * own
     return {
         "score": score,
         "acc": fb,

@@ -79,6 +79,10 @@ class ViToSConfig:
             rewards of the right scale and spread but unrelated to its samples; the logged
             rewards stay the true ones. A run that rises with it on learns from something other
             than the reward (the warm start, the KL term, the schedule).
+        feedback_scale: ``none`` (the paper's cross-feedback, ``w_fb`` times the answers'
+            accuracy) or ``pruned`` (times ``1 - keep_ratio`` as well: the box is credited for the
+            tokens it pruned, so the whole image earns no feedback;
+            :func:`vitos_verl.rewards.score.grounding_score`).
         mask_malformed: samples whose output fails its stream's template (``format == 0``: a
             grounding output without a well-formed box, an answer outside ``<answer>``) stay in
             their GRPO group, so the well-formed samples beside them get the higher advantage,
@@ -101,6 +105,7 @@ class ViToSConfig:
     box_format: str = "abs"
     iou_mode: str = "best"
     unparsed_box: str = DEFAULT_UNPARSED_BOX
+    feedback_scale: str = "none"
     reward_timeout_s: float = 30.0
     grounding_max_pixels: int | None = None
     optim_steps: Mapping[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
@@ -126,6 +131,8 @@ class ViToSConfig:
             raise ValueError(f"vitos.box_format={self.box_format!r}: choose one of {BOX_FORMATS}")
         if self.iou_mode not in ("best", "union"):
             raise ValueError(f"vitos.iou_mode={self.iou_mode!r}: choose 'best' or 'union'")
+        if self.feedback_scale not in ("none", "pruned"):
+            raise ValueError(f"vitos.feedback_scale={self.feedback_scale!r}: choose 'none' or 'pruned'")
         if self.unparsed_box not in UNPARSED_BOX_RULES:
             raise ValueError(f"vitos.unparsed_box={self.unparsed_box!r}: choose one of {UNPARSED_BOX_RULES}")
         if self.n_g < 2 or self.n_r < 1:
@@ -200,7 +207,7 @@ class ViToSConfig:
         """Keyword arguments of :func:`vitos_verl.rewards.compute_score` for this config."""
         keys = (
             "w_iou", "w_fb", "w_fmt", "w_keep", "w_acc", "iou_mode", "box_format", "margin_cells", "min_keep_ratio", "unparsed_box",
-            "reward_timeout_s",
+            "feedback_scale", "reward_timeout_s",
         )  # fmt: skip
         out = {k: v for k, v in asdict(self).items() if k in keys}
         return {**out, "min_pixels": min_pixels, "max_pixels": max_pixels}

@@ -216,7 +216,7 @@ def plan_frames(
     Each output goes through :func:`vitos_verl.pruning.plan.plan` in its frames: parsed in the
     grounding frame, mapped onto the reasoning frame (low-resolution grounding), masked by
     ``cfg.margin_cells`` / ``cfg.min_keep_ratio``, pruned by ``cfg.prune_mode``; an output without
-    a box on the image follows ``cfg.unparsed_box`` (``keep_all``, the default: every visual token).
+    a box on the image follows ``cfg.unparsed_box`` (``no_feedback``, the default, and ``keep_all``: every visual token).
 
     Args:
         grounding_texts: ``N_g`` decoded grounding responses.
