@@ -113,7 +113,8 @@ def test_w_acc_scores_the_grounding_answer():
     assert s_none["format"] == 0.0 and s_none["answer_acc"] == 0.0 and s_none["iou"] == 1.0
     # the answer earns without a box too (the box terms do not)
     no_box = compute_score("slake", "<think>it is the liver</think><answer>liver</answer>", "liver", INFO, w_acc=1.0, **kw)
-    assert no_box["parsed"] == 0.0 and no_box["answer_acc"] == 1.0 and no_box["score"] == pytest.approx(0.5 + 1.0)
+    # (no feedback for the missing box: unparsed_box no_feedback, the default)
+    assert no_box["parsed"] == 0.0 and no_box["answer_acc"] == 1.0 and no_box["score"] == pytest.approx(1.0)
     # options and closed questions as the reasoning answer is scored
     choice = {**INFO, "answer_type": "CHOICE", "options": [{"letter": "A", "content": "Liver"}, {"letter": "B", "content": "Lung"}]}
     assert compute_score("slake", box_only + "<answer>B</answer>", "B", choice, w_acc=1.0, **kw)["answer_acc"] == 1.0
