@@ -19,6 +19,8 @@
 # pixel's position into its colour and a disc larger than the squares, without which the learn
 # policy does not localise the disc under supervision (docs/learning.md); the data folder is per
 # seed: FORCE=1 after changing them).
+# SFT_SAVE_FREQ (default: none) also keeps the warm start of every SFT_SAVE_FREQ-th step, as the
+# cached warm start of a run with SFT_STEPS=<that step> (one long SFT, several starting points).
 # Extra arguments are hydra overrides of the RL run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,9 +56,14 @@ if [[ ! -f $SFT/model.safetensors || ${FORCE:-0} == 1 ]]; then
     -m verl.trainer.sft_trainer --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
     outputs_dir="$OUT" model.path="$BASE" data.train_files="$DATA/sft.parquet" data.train_batch_size=16 \
     data.micro_batch_size_per_gpu=16 data.max_length=256 optim.lr=1e-3 model.enable_gradient_checkpointing=false \
-    trainer.total_training_steps="$SFT_STEPS" \
+    trainer.total_training_steps="$SFT_STEPS" ${SFT_SAVE_FREQ:+trainer.save_freq=$SFT_SAVE_FREQ} \
     trainer.experiment_name=sft_learn_cpu trainer.default_local_dir="$SFT_RUN" trainer.seed="$SEED"
   bash scripts/export_sft.sh "$SFT_RUN" "$BASE" "$SFT"
+  if [[ -n ${SFT_SAVE_FREQ:-} ]]; then
+    for ((s = SFT_SAVE_FREQ; s < SFT_STEPS; s += SFT_SAVE_FREQ)); do
+      bash scripts/export_sft.sh "$SFT_RUN" "$BASE" "$OUT/models/learn-$SIZE-sft$s-seed$SEED" "$s"
+    done
+  fi
 fi
 stamp "warm start $SFT"
 
