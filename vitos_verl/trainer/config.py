@@ -14,6 +14,7 @@ from typing import Any
 from vitos_verl.pruning.boxes import BOX_FORMATS
 from vitos_verl.pruning.plan import DEFAULT_UNPARSED_BOX, PRUNE_MODES, UNPARSED_BOX_RULES
 from vitos_verl.records import STREAMS
+from vitos_verl.rewards.score import FEEDBACK_SCALES
 from vitos_verl.trainer.streams import STREAM_ORDERS, check_update_streams, update_stages
 
 
@@ -131,8 +132,8 @@ class ViToSConfig:
             raise ValueError(f"vitos.box_format={self.box_format!r}: choose one of {BOX_FORMATS}")
         if self.iou_mode not in ("best", "union"):
             raise ValueError(f"vitos.iou_mode={self.iou_mode!r}: choose 'best' or 'union'")
-        if self.feedback_scale not in ("none", "pruned"):
-            raise ValueError(f"vitos.feedback_scale={self.feedback_scale!r}: choose 'none' or 'pruned'")
+        if self.feedback_scale not in FEEDBACK_SCALES:
+            raise ValueError(f"vitos.feedback_scale={self.feedback_scale!r}: choose one of {FEEDBACK_SCALES}")
         if self.unparsed_box not in UNPARSED_BOX_RULES:
             raise ValueError(f"vitos.unparsed_box={self.unparsed_box!r}: choose one of {UNPARSED_BOX_RULES}")
         if self.n_g < 2 or self.n_r < 1:

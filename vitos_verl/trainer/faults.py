@@ -102,7 +102,6 @@ def mask_failed(batch, failed: np.ndarray) -> np.ndarray:
     return uid
 
 
-
 def mask_malformed(batch) -> float:
     """Take samples that fail their stream's template out of the loss, in place, after the advantages.
 
