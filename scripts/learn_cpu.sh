@@ -53,7 +53,7 @@ if [[ ! -f $SFT/model.safetensors || ${FORCE:-0} == 1 ]]; then
   "$PY" -m vitos_verl.data.sft --out "$DATA/sft.parquet" --max-pixels "$MAX_PIXELS" --inputs "$DATA/train.parquet"
   rm -rf "$SFT_RUN"; mkdir -p "$SFT_RUN"
   VERL_FILE_LOGGER_PATH=$SFT_RUN/metrics.jsonl "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 \
-    -m verl.trainer.sft_trainer --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
+    -m vitos_verl.trainer.sft_warmstart --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
     outputs_dir="$OUT" model.path="$BASE" data.train_files="$DATA/sft.parquet" data.train_batch_size=16 \
     data.micro_batch_size_per_gpu=16 data.max_length=256 optim.lr=1e-3 model.enable_gradient_checkpointing=false \
     trainer.total_training_steps="$SFT_STEPS" ${SFT_SAVE_FREQ:+trainer.save_freq=$SFT_SAVE_FREQ} \

@@ -23,7 +23,7 @@ export VERL_FILE_LOGGER_PATH=$RUN/metrics.jsonl
 "$PY" -m vitos_verl.data.sft --out "$OUT/data/sft/train.parquet" --max-pixels "$MAX_PIXELS" --limit "$ROWS" \
   --inputs "$OUT/data/slake/train.parquet" "$OUT/data/vqa_rad/train.parquet"
 rm -rf "$RUN"; mkdir -p "$RUN"
-"$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 -m verl.trainer.sft_trainer \
+"$(dirname "$PY")/torchrun" --standalone --nproc_per_node 1 -m vitos_verl.trainer.sft_warmstart \
   --config-path "$PWD/recipes" --config-name sft_warmstart_cpu \
   outputs_dir="$OUT" model.path="$BASE" "$@"
 bash scripts/export_sft.sh "$RUN" "$BASE" "$DEST"

@@ -134,3 +134,48 @@ def test_response_only_lm_head_gives_verls_log_probs(dtype, tmp_path):
         assert s["max_abs_diff_log_probs"] <= tol and s["max_abs_diff_entropy"] <= tol, s
         # a guard against blow-ups only (bench/ holds the measured speed-up)
         assert s["seconds"]["response_only"] < 2 * s["seconds"]["verl"] + 1.0, s
+
+
+def test_sft_warmstart_lm_head_from_the_loss_gives_verls_loss(tmp_path):
+    """verl's SFT trainer (no remove-padding) computes the LM head at every prompt position;
+    ``vitos_verl.trainer.sft_warmstart`` computes it from the loss mask's first token. Two steps of
+    the same data, seed and tiny policy (fp32, both streams' examples, a 64-token image) through
+    verl's entrypoint and ours: the losses and gradient norms agree, and the hook was used."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from data_prep import sparse_evidence
+    from vitos_verl.data import sft
+    from vitos_verl.models.tiny import SIZES, build_tiny_checkpoint
+    from vitos_verl.platform import precision
+
+    root = Path(__file__).resolve().parents[1]
+    model = build_tiny_checkpoint(root / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176))
+    sparse_evidence.generate(tmp_path / "task", seed=0, n_train=8, n_val=2)
+    sft.main(["--out", str(tmp_path / "sft.parquet"), "--max-pixels", "50176", "--inputs", str(tmp_path / "task" / "train.parquet")])
+    env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", "VERL_ENGINE_VENDOR": "nvidia",
+           precision.ENV: "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    torchrun = Path(sys.executable).parent / "torchrun"
+    losses = {}
+    for name, module in (("verl", "verl.trainer.sft_trainer"), ("vitos", "vitos_verl.trainer.sft_warmstart")):
+        run = tmp_path / name
+        run.mkdir()
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node", "1", "-m", module, "--config-path", str(root / "recipes"),
+               "--config-name", "sft_warmstart_cpu", f"outputs_dir={tmp_path}", f"model.path={model}",
+               f"data.train_files={tmp_path / 'sft.parquet'}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4",
+               "data.max_length=256", "trainer.total_training_steps=2", "trainer.seed=0", "trainer.logger=[file]",
+               f"trainer.default_local_dir={run}", "checkpoint.save_contents=[model]"]  # fmt: skip
+        proc = subprocess.run(cmd, env={**env, "VERL_FILE_LOGGER_PATH": str(run / "metrics.jsonl")}, cwd=root,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert ("vitos_verl: SFT LM head from position" in proc.stdout) == (name == "vitos"), proc.stdout[-2000:]
+        rows = [json.loads(line)["data"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [(r["train/loss"], r["train/grad_norm"]) for r in rows if "train/loss" in r]
+    assert len(losses["verl"]) == 2, losses
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(losses["verl"], losses["vitos"]):
+        assert loss_a > 1.0 and abs(loss_a - loss_b) <= 1e-4 * loss_a, losses  # a random policy's loss, equal
+        assert abs(grad_a - grad_b) <= 1e-3 * grad_a, losses

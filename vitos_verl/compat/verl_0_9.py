@@ -26,7 +26,9 @@ needs (the right-padded batch's ``min(seq_len) - max_response_len - 1``) and fil
 positions with log-prob 0 and entropy 0, which verl then drops with the prompt
 (``no_padding_2_padding``). Response log-probs and entropies equal verl's
 (``tests/test_compat.py``); any other configuration (remove-padding, fused kernels,
-distillation, the Σπ² statistic) goes through verl's code unchanged.
+distillation, the Σπ² statistic) goes through verl's code unchanged. verl's SFT trainer goes
+through the same two engine methods: :func:`install_sft` (``vitos_verl.trainer.sft_warmstart``)
+starts its LM head at the loss mask's first token less one, and its loss equals verl's.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def _fixed(original):
 
 
 _FROM = "vitos_logits_from"
+_SFT = False  # install_sft(): also slice the SFT trainer's LM head (from its loss mask)
+_LOGGED: list[int] = []
 
 
 def _wrap_inputs(original):
@@ -70,16 +74,40 @@ def _wrap_inputs(original):
             ("distillation_only", False), ("calculate_sum_pi_squared", False))}  # fmt: skip
         pad_mode = tu.get_non_tensor_data(data=micro_batch, key="pad_mode", default=DatasetPadMode.NO_PADDING)
         max_response = tu.get_non_tensor_data(data=micro_batch, key="max_response_len", default=-1)
-        if pad_mode != DatasetPadMode.NO_PADDING or max_response < 1 or any(flags.values()):
+        if pad_mode != DatasetPadMode.NO_PADDING or any(flags.values()):
             return model_inputs, output_args
-        lengths = micro_batch["input_ids"].offsets().diff()
-        start = max(0, int(lengths.min()) - int(max_response) - 1)
+        if max_response >= 1:  # the actor / reference: right-padded prompts + responses
+            lengths = micro_batch["input_ids"].offsets().diff()
+            start = max(0, int(lengths.min()) - int(max_response) - 1)
+        elif _SFT and "loss_mask" in micro_batch.keys():  # verl's SFT trainer: the loss mask's first token
+            start = _first_loss_position(micro_batch["loss_mask"]) - 1
+            if not _LOGGED:
+                _LOGGED.append(start)
+                print(f"vitos_verl: SFT LM head from position {start} (the loss mask's first token less one)", flush=True)
+        else:
+            return model_inputs, output_args
         if start > 0 and _forward_takes_start(type(self.module)):
             model_inputs[_FROM] = output_args[_FROM] = start
         return model_inputs, output_args
 
     setattr(prepare_model_inputs, _MARK, True)
     return prepare_model_inputs
+
+
+def _first_loss_position(loss_mask: torch.Tensor) -> int:
+    """The first token position, over the micro-batch, that verl's ``sft_loss`` counts.
+
+    ``loss_mask``: jagged NestedTensor ``(B, j)`` of 0/1 per token (verl 0.9.1
+    ``MultiTurnSFTDataset``: 1 on assistant tokens). ``sft_loss`` rolls it left by one, so the
+    log-prob at position ``p`` counts when ``loss_mask[p + 1]`` is 1: the LM head is needed from
+    the returned position minus one. A sample without any counted token contributes its length.
+    """
+    values, offsets = loss_mask.values(), loss_mask.offsets()
+    first = []
+    for i in range(offsets.numel() - 1):
+        row = values[offsets[i] : offsets[i + 1]].nonzero()
+        first.append(int(row[0, 0]) if row.numel() else int(offsets[i + 1] - offsets[i]))
+    return max(1, min(first))
 
 
 def _wrap_outputs(original):
@@ -151,6 +179,16 @@ def _forward_takes_start(model_cls: type) -> bool:
     if cls.forward is forward_with_normal_backend:
         cls.forward = _wrap_forward(forward_with_normal_backend)
     return getattr(model_cls.forward, _MARK, False)
+
+
+def install_sft() -> None:
+    """In verl's SFT trainer (``verl.trainer.sft_trainer``, no padding, no remove-padding): the LM
+    head and log-softmax from the first position the loss mask counts (:func:`_first_loss_position`)
+    instead of every prompt position; the loss equals verl's (``tests/test_compat.py``). Used by
+    ``vitos_verl.trainer.sft_warmstart``. Idempotent; per process."""
+    global _SFT
+    _SFT = True
+    install_worker()
 
 
 def install_worker() -> None:
