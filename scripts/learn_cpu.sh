@@ -12,7 +12,7 @@
 # Steps 1-3 are cached per seed (FORCE=1 redoes them); a rerun resumes the trainer's checkpoint.
 #
 # Environment: OUT (default ./outputs), PY (default .venv/bin/python), SEED (default 0),
-# STEPS (RL steps, default: the recipe's), SFT_STEPS (default 200), N_TRAIN (default 2000),
+# STEPS (RL steps, default: the recipe's), SFT_STEPS (default 250), N_TRAIN (default 2000),
 # N_VAL (default 128), NAME (run name, default learn_cpu-seed<SEED>), CONTROL (0|1, default 0),
 # SIZE (vitos_verl.models.tiny size, default learn), TASK_ARGS (options of data_prep.sparse_evidence,
 # default "--position-cue 120 --object-cells 2 --distractor-cells 1": a bias field that puts each
@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-outputs}")
 PY=${PY:-.venv/bin/python}
 SEED=${SEED:-0}
-SFT_STEPS=${SFT_STEPS:-200}
+SFT_STEPS=${SFT_STEPS:-250}
 N_TRAIN=${N_TRAIN:-2000}
 N_VAL=${N_VAL:-128}
 SIZE=${SIZE:-learn}

@@ -53,7 +53,11 @@ def test_rewarded_box_and_answer_become_likely(task, model, dtype, tmp_path):
     out = tmp_path / "learn.json"
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", "VERL_ENGINE_VENDOR": "nvidia",
            precision.ENV: dtype, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LEARN_STEPS": str(STEPS)}  # fmt: skip
-    overrides = ["data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "vitos.n_g=4", "vitos.n_r=2"]
+    overrides = ["data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "vitos.n_g=4", "vitos.n_r=2",
+                 # the wiring check's own settings, not make learn's: a constant lr, no KL (the
+                 # in-process harness has no reference worker), the paper's cross-feedback
+                 "actor_rollout_ref.actor.optim.lr=1e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+                 "actor_rollout_ref.actor.use_kl_loss=false", "vitos.feedback_scale=none"]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "tests" / "_inprocess.py"), "learn", str(out), str(task), str(model), *overrides]
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

@@ -55,7 +55,9 @@ def _step(task: Path, model: Path, dtype: str, tmp_path: Path, *overrides: str) 
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         # plain SGD: an update follows the policy gradient (Adam's first step is its sign)
         "actor_rollout_ref.actor.optim.optimizer=SGD", "actor_rollout_ref.actor.optim.lr=0.05",
-        "actor_rollout_ref.actor.optim.weight_decay=0.0",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0", "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+        # no KL term (the in-process harness has no reference worker); the paper's cross-feedback
+        "actor_rollout_ref.actor.use_kl_loss=false", "vitos.feedback_scale=none",
     ]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "tests" / "_inprocess.py"), "direction", str(out), str(task), str(model)]
     run = subprocess.run([*cmd, *direction, *overrides],
