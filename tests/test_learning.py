@@ -27,7 +27,11 @@ from vitos_verl.platform import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
-MARGIN = 0.3  # rise of each probability from the first scoring to the last
+# rise of each probability from the first scoring to the last. Measured (fp32 and bf16, this
+# task, 4 steps): the right box 0.41-0.42 -> 0.72-0.75 and the right answer 0.22-0.23 -> 0.55-0.56,
+# a rise of 0.30-0.34 that plateaus after the first step for the box (its groups turn all-right, so
+# GRPO's advantage is zero); a broken update leaves both where step 0 put them.
+MARGIN = 0.2
 
 
 @pytest.fixture(scope="module")
