@@ -299,7 +299,7 @@ class Bench:
 
     def front_stats(self) -> dict:
         try:
-            from vitos_verl.rollout.vllm_model import front_end_stats
+            from vitos_verl.rollout.vllm_processor import front_end_stats
 
             return front_end_stats(self.llm)
         except (ImportError, AttributeError):  # a plugin without these counters

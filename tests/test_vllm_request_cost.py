@@ -33,7 +33,7 @@ def _processor(llm):
 
 
 def _front(llm) -> dict[str, int]:
-    from vitos_verl.rollout.vllm_model import front_end_stats
+    from vitos_verl.rollout.vllm_processor import front_end_stats
 
     return front_end_stats(llm)
 
@@ -245,7 +245,7 @@ def test_pixelless_request_after_load_weights_is_fresh(llm, hf_model, cases):
 
     _reset_all(llm)  # verl's post-sync clear_kv_cache
     assert len(_processor(llm)._carriers) == 0
-    assert llm.apply_model(lambda m: (len(m._vit_pixels), m._vit_pixels_bytes, len(m._vit_cache)))[0] == (0, 0, 0)
+    assert llm.apply_model(lambda m: (len(m._vit_pixels), m._vit_pixels.nbytes, len(m._vit_cache)))[0] == (0, 0, 0)
     f0 = _front(llm)
     (ids, tok, lp), = _sample(llm, [_request(case, m3)], seed=33)
     front = _delta(_front(llm), f0)

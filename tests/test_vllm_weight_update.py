@@ -123,7 +123,7 @@ def test_vit_cache_is_a_bounded_lru(llm, cases):
         return llm.apply_model(f)[0]
 
     def state(m):
-        return len(m._vit_cache), m._vit_cache_bytes, sum(f.numel() * f.element_size() for f in m._vit_cache.values())
+        return len(m._vit_cache), m._vit_cache.nbytes, sum(f.numel() * f.element_size() for f in m._vit_cache.values())
 
     old = set_bounds(1, 1 << 40)
     try:

@@ -1,6 +1,6 @@
 """Hooks into vLLM 0.24.0 (``vllm==0.24.0`` in pyproject.toml; ``vllm 0.24.0+cpu`` on CPU).
 
-Every place the vLLM plugin (:mod:`vitos_verl.rollout.vllm_model`,
+Every place the vLLM plugin (:mod:`vitos_verl.rollout.vllm_processor`, :mod:`vitos_verl.rollout.vllm_model`,
 :mod:`vitos_verl.rollout.vllm_plugin`) overrides, wraps, replaces or calls a private or internal
 vLLM symbol goes through this module; the plugin itself only calls the functions and public-named
 methods below. Each symbol is pinned by ``tests/test_compat_vllm.py`` (parameter names, and a
