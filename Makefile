@@ -9,6 +9,9 @@
 #   make learn  the learning check: the controlled sparse-evidence task, a short warm start, the
 #               dual-stream trainer and its permuted-reward control; a report whose last line is
 #               "learn: val_acc=.. val_iou=.. grounding_reward=.. reasoning_reward=.." (not in CI)
+#   make learn-ablations  the paper's ablations in miniature on make learn's task: no cross-feedback,
+#               one summed loss, no pruning, crop, each trained and evaluated (full, ViToS, crop,
+#               oracle, random cells); a table and a plot (not in CI; ~100 min)
 #   make two-stage  the two-stage schedule on the CPU (scripts/two_stage_cpu.sh): the smoke recipe
 #               updating the grounding stream only for STAGE_STEPS steps, its export, then the
 #               reasoning stream only for STAGE_STEPS steps from the export, and the check that
@@ -33,7 +36,7 @@ export VITOS_DATA := $(DATA)
 
 RECIPE ?= smoke_cpu
 
-.PHONY: setup data tiny warmstart train summary demo eval curve learn two-stage pruned-check test bench gpu-smoke lint clean
+.PHONY: setup data tiny warmstart train summary demo eval curve learn learn-ablations two-stage pruned-check test bench gpu-smoke lint clean
 
 setup:
 	bash scripts/setup_cpu.sh
@@ -78,6 +81,12 @@ curve: warmstart
 SEED ?= 0
 learn: setup
 	OUT=$(OUT) PY=$(PY) SEED=$(SEED) CONTROL=$${CONTROL:-1} bash scripts/learn_cpu.sh $(TRAIN_ARGS)
+
+# the paper's ablations in miniature on make learn's task (scripts/learn_ablations.sh; not in CI):
+# five RL runs of make learn's length (about 18 minutes each on 2 cores), the evaluation harness on
+# each, the table in $(OUT)/ablations/seed$(SEED)/ablations.md. VARIANTS="no_feedback joint" runs some
+learn-ablations: setup
+	OUT=$(OUT) PY=$(PY) SEED=$(SEED) bash scripts/learn_ablations.sh
 
 # the two-stage schedule (recipes/lingshu7b_stage{1,2}.yaml) on the smoke recipe: scripts/two_stage_cpu.sh
 # (STAGE_STEPS per stage; FORCE=1 starts again); runs under $(OUT)/runs/two_stage_cpu_stage{1,2}

@@ -93,11 +93,18 @@ def test_mmmu_random_guess_is_seeded():
 def test_bad_arguments():
     for args in (
         ("x", "slake", "y", "y", "OPEN"),
-        ("strict", "x", "y", "y", "OPEN"),
+        ("medevalkit", "sparse_evidence", "y", "y", "OPEN"),  # MedEvalKit has no rule for it
         ("strict", "slake", "y", "y", "X"),
     ):
         with pytest.raises(ValueError):
             judge(*args)
+
+
+def test_a_dataset_outside_medevalkit_is_judged_by_the_strict_protocol_alone():
+    out = "<think>a disc in the lower left</think><answer>Yellow</answer>"
+    assert judge_both("sparse_evidence", out, "yellow", "CLOSED") == {"strict": True}
+    assert judge_both("sparse_evidence", out, "green", "CLOSED") == {"strict": False}
+    assert set(judge_both("slake", out, "yellow", "CLOSED")) == {"medevalkit", "strict"}
 
 
 def test_token_f1_names():

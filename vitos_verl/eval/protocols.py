@@ -66,6 +66,13 @@ from typing import NamedTuple
 from vitos_verl.rewards.answers import answer_scores, clean_answer, extract_answer, token_scores
 
 PROTOCOLS = ("medevalkit", "strict")
+
+
+def protocols_for(dataset: str) -> tuple[str, ...]:
+    """The protocols that judge ``dataset``: both for MedEvalKit's seven (:data:`DATASETS`),
+    ``("strict",)`` for any other dataset in the row schema (e.g. ``data_prep.sparse_evidence``'s
+    controlled task), for which MedEvalKit has no rule."""
+    return PROTOCOLS if dataset in DATASETS else ("strict",)
 DATASETS = ("slake", "vqa_rad", "pathvqa", "pmc_vqa", "omnimedvqa", "mmmu_med", "medxpertqa_mm")
 ANSWER_TYPES = ("OPEN", "CLOSED", "CHOICE")
 CHOICE_DATASETS = ("pmc_vqa", "omnimedvqa", "mmmu_med", "medxpertqa_mm")
@@ -395,7 +402,7 @@ def judge(
 
     Args:
         protocol: ``"medevalkit"`` or ``"strict"`` (see the module docstring).
-        dataset: the row's ``data_source`` (one of :data:`DATASETS`).
+        dataset: the row's ``data_source``; ``medevalkit`` needs one of :data:`DATASETS`.
         prediction: the decoded model output.
         answer: the ground truth as the dataset gives it (``reward_model.ground_truth``).
         answer_type: ``"OPEN"``, ``"CLOSED"`` or ``"CHOICE"``.
@@ -407,7 +414,7 @@ def judge(
             unparsed response (default: the ``random`` module, as MMMU does).
 
     Raises:
-        ValueError: unknown protocol, dataset or answer type; ``medevalkit`` on a
+        ValueError: unknown protocol or answer type; ``medevalkit`` outside :data:`DATASETS` or on a
             multiple-choice dataset without ``choices``; ``medevalkit`` MMMU open questions.
 
     >>> out = "<think>The pleura holds air.</think><answer>\\\\boxed{Yes}</answer>"
@@ -418,8 +425,8 @@ def judge(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if protocol not in protocols_for(dataset):
+        raise ValueError(f"medevalkit judges only {DATASETS}, got {dataset!r} (use strict)")
     atype = str(answer_type or "").strip().upper()
     if atype not in ANSWER_TYPES:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
@@ -439,8 +446,9 @@ def judge_both(
     choices: Sequence[str] | None = None,
     rng: random.Random | None = None,
 ) -> dict[str, bool]:
-    """``{protocol: verdict}`` for every protocol in :data:`PROTOCOLS` (both are always reported)."""
-    return {p: judge(p, dataset, prediction, answer, answer_type, choices=choices, rng=rng) for p in PROTOCOLS}
+    """``{protocol: verdict}`` for every protocol of :func:`protocols_for` (both on MedEvalKit's
+    seven datasets, where both are always reported; ``strict`` alone on any other)."""
+    return {p: judge(p, dataset, prediction, answer, answer_type, choices=choices, rng=rng) for p in protocols_for(dataset)}
 
 
 def token_f1(prediction: str, answer: str) -> TokenF1:
