@@ -49,7 +49,153 @@ def test_upstream_functions_are_the_pinned_ones(where):
     assert verl.__version__ == verl_0_9.VERL_VERSION
     assert str(inspect.signature(fn)) == signature, f"{where}: signature changed; review vitos_verl.compat.verl_0_9"
     got = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
-    assert got == digest, f"{where}: source changed since verl {verl_0_9.VERL_VERSION}; review vitos_verl.compat.verl_0_9"
+    assert got == digest, (
+        f"{where}: source changed since verl {verl_0_9.VERL_VERSION}; review vitos_verl.compat.verl_0_9"
+    )
+
+
+# The verl symbols behind the other hooks of docs/upstream.md's verl table (V4 to V23: overrides
+# and calls of private methods in the agent loop, the trainer, the worker, the dataset, the
+# metrics and the loggers), each pinned the same way, keyed by the row it belongs to.
+# hook (docs/upstream.md) -> [(module, qualname, signature, sha256 of inspect.getsource)] in verl 0.9.1
+PINNED_HOOKS = {
+    ("V4", "verl.experimental.agent_loop.single_turn_agent_loop", "SingleTurnAgentLoop.run"): (
+        "(self, sampling_params: dict[str, typing.Any], priority: int = 0, **kwargs) -> verl.experimental.agent_loop.agent_loop.AgentLoopOutput",
+        "1baec41cee2de25f2e48b522671d11196619aa08736250e883365c9be6c6a7e0",
+    ),
+    ("V5", "verl.experimental.agent_loop.agent_loop", "AgentLoopBase._get_mm_processor_kwargs"): (
+        "(self, audio_data: Optional[list[Any]] = None) -> dict[str, typing.Any]",
+        "ca9b5cb2adaadf0f5c40aeae97e080e37431bf5838148e360c278bb7502b5d50",
+    ),
+    ("V6", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker._compute_multi_modal_inputs"): (
+        "(self, output, input_ids) -> dict[str, torch.Tensor]",
+        "c1bf0d04b7399d10ea9cbc6a6e0beb7f708a40e90ee8ee19d2b582cae235f410",
+    ),
+    ("V7", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker._compute_position_ids"): (
+        "(self, input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor",
+        "f5bb787c5f984d37b32b9b59975df54d13520ed4573c7ca990cf911499d55f44",
+    ),
+    ("V8", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker._run_agent_loop"): (
+        "(self, sampling_params: dict[str, typing.Any], trajectory: dict[str, typing.Any], *, agent_name: str, trace: bool = True, **kwargs) -> verl.experimental.agent_loop.agent_loop._InternalAgentLoopOutput",
+        "32c3d607c5d4c9fa124c9d53a476689b63aeb2662f28c9cc1933fc6ec3e9e989",
+    ),
+    ("V8", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker._agent_loop_postprocess"): (
+        "(self, output, validate, **kwargs) -> verl.experimental.agent_loop.agent_loop._InternalAgentLoopOutput",
+        "0673c29ea3dbbbecc8b42274244afb73f7befd9d6d605654eaf4c149b4259bf6",
+    ),
+    ("V8", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker.generate_sequences"): (
+        "(self, batch: verl.protocol.DataProto) -> verl.protocol.DataProto",
+        "3b359e9034375860464368b4990e7d2178dde9bbd35d7513652d295820b53f65",
+    ),
+    ("V9", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker._compute_score"): (
+        "(self, outputs: list[verl.experimental.agent_loop.agent_loop.AgentLoopOutput], kwargs: dict) -> None",
+        "cf4b57719ad3c1b236e49fb99dddc4f6cf05bc0fb125e1475ce5c2534af2b742",
+    ),
+    ("V10", "verl.experimental.agent_loop.agent_loop", "AgentLoopWorker._postprocess"): (
+        "(self, inputs: list[verl.experimental.agent_loop.agent_loop._InternalAgentLoopOutput], input_non_tensor_batch: dict | None = None, validate: bool = False) -> verl.protocol.DataProto",
+        "d55eabeea2dc52a69666bfccaeee1c2c381d732ee8cd183e57cd6744733f12bf",
+    ),
+    ("V11", "verl.experimental.agent_loop.agent_loop", "AgentLoopManager.__init__"): (
+        "(self, config: omegaconf.dictconfig.DictConfig, llm_client: verl.workers.rollout.llm_server.LLMServerClient, teacher_client: dict[str, verl.workers.rollout.llm_server.LLMServerClient] = None, reward_loop_worker_handles: list[ray.actor.ActorHandle] = None)",
+        "f121655cb484a19c2e2e0d08c4e1221ec09c77e6f832ab006624366666500f04",
+    ),
+    ("V12", "verl.workers.engine_workers", "ActorRolloutRefWorker.update_actor"): (
+        "(self, data: tensordict._td.TensorDict) -> tensordict._td.TensorDict",
+        "c33d5103077466664a5a44a8936e739e510c28857c0a4295317590c1a90c3e6e",
+    ),
+    ("V13", "verl.workers.engine.fsdp.transformer_impl", "FSDPEngine.lr_scheduler_step"): (
+        "(self)",
+        "5df166dad20babd5eaa348deeca595b1eddadf65176a888dc7781aeac10e9442",
+    ),
+    ("V13", "verl.workers.engine_workers", "TrainingWorker.train_batch"): (
+        "(self, data: tensordict._td.TensorDict) -> tensordict._td.TensorDict",
+        "9107065b72b67cfcfdf662ea4c511a1ef91a8313eac91abdc0e0be1b3ebd84da",
+    ),
+    ("V13", "verl.workers.engine_workers", "TrainingWorker.train_mini_batch"): (
+        "(self, data: tensordict._td.TensorDict) -> tensordict._td.TensorDict",
+        "02b50b03fe7d8d29596ccbd41e5d3907d80a566666dc0106fbf54fc886d6601a",
+    ),
+    ("V14", "verl.trainer.main_ppo_v0", "TaskRunner.run"): (
+        "(self, config, *, _ray_trace_ctx=None)",
+        "95ebfb4a9286d46aef2897e244e0f6ca9bdee241c94b0c5c032960ff4b9bfe82",
+    ),
+    ("V14", "verl.trainer.main_ppo_v0", "BaseTaskRunner.add_actor_rollout_worker"): (
+        "(self, config, *, _ray_trace_ctx=None)",
+        "8aee2196c23a1a7d89f782c6cba20c093dd1a3800eb7a38b0ddbed035715d607",
+    ),
+    ("V15", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer.fit"): (
+        "(self)",
+        "2cd5b737f76215aad3a1be94404c7a7d1d6a4cf9d6c16f44bc4841b871498ed7",
+    ),
+    ("V15", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._validate"): (
+        "(self, merged: bool = False)",
+        "61b7f39d3b0584058fa6c53a557d1b26532313723acd7f6d67a36de7e2a7ebae",
+    ),
+    ("V16", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._balance_batch"): (
+        "(self, batch: verl.protocol.DataProto, metrics, logging_prefix='global_seqlen', keep_minibatch=False)",
+        "6722e2666ebda71ee945207f823bf3e2da3f6aa97342f940c27acbc7368aebd8",
+    ),
+    ("V17", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._compute_old_log_prob"): (
+        "(self, batch: verl.protocol.DataProto)",
+        "70d1750e0c3ec43af30234c2ed518a45f9b5558022be9bda250a15f4ff295fd0",
+    ),
+    ("V17", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._compute_ref_log_prob"): (
+        "(self, batch: verl.protocol.DataProto) -> verl.protocol.DataProto",
+        "12d5f8bbf9e4ffc977e74e8ebc793ac69b054ac533422536ad0667667d6613ea",
+    ),
+    ("V18", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._update_actor"): (
+        "(self, batch: verl.protocol.DataProto) -> verl.protocol.DataProto",
+        "95f80caf7cbafdcf404ddbcff48561b520d78802f2f21ab2b620f93daf213625",
+    ),
+    ("V19", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._save_checkpoint"): (
+        "(self)",
+        "1f2ec4c96769f4a993e0a8ca8880d82e46132a2436c2ab0010384a23cdfd5b16",
+    ),
+    ("V20", "verl.trainer.ppo.ray_trainer", "RayPPOTrainer._load_checkpoint"): (
+        "(self)",
+        "23626f03573e151c9bb4fdd52c867e5bfed93568ff5a9dc29bb38d6e1fb52757",
+    ),
+    ("V20", "verl.utils.checkpoint.checkpoint_manager", "find_latest_ckpt_path"): (
+        "(path, directory_format='global_step_{}')",
+        "ef7c06afc10f04da2592de51bb84e3e778ea045cbe433b41d267f42ec9ce110c",
+    ),
+    ("V21", "verl.utils.dataset.rl_dataset", "RLHFDataset._build_messages"): (
+        "(self, example: dict, key: str)",
+        "227d9e77181d5c79e40cc58fa6fc4087ebb5039646833d52464528bf35e28f22",
+    ),
+    ("V21", "verl.utils.dataset.rl_dataset", "RLHFDataset.__getitem__"): (
+        "(self, item)",
+        "c0ba8f285fe78055846ce8751c5bbed3617776d68e795c961d8e664fe682d609",
+    ),
+    ("V22", "verl.workers.rollout.llm_server", "LLMServerManager.get_replicas"): (
+        "(self) -> list[verl.workers.rollout.replica.RolloutReplica]",
+        "bb9b442031f42d6ad4ab59d187b046bbb5d7832d08168340a2a9571c53c166ac",
+    ),
+    ("V23", "verl.utils.tracking", "Tracking.__init__"): (
+        "(self, project_name, experiment_name, default_backend: str | list[str] = 'console', config=None)",
+        "dfd601439125b449fa05fe7b9ed27175535489c5a9bf8d940b64d7f81fc6171c",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "where", sorted(PINNED_HOOKS, key=lambda k: (int(k[0][1:]), k[1], k[2])), ids=lambda k: f"{k[0]}-{k[2]}"
+)
+def test_verl_symbols_behind_each_hook_are_the_pinned_ones(where):
+    import importlib
+
+    import verl
+
+    hook, module, name = where
+    fn = importlib.import_module(module)
+    for part in name.split("."):
+        fn = getattr(fn, part)
+    fn = inspect.unwrap(fn)
+    signature, digest = PINNED_HOOKS[where]
+    assert verl.__version__ == verl_0_9.VERL_VERSION
+    review = f"{module}.{name} changed since verl {verl_0_9.VERL_VERSION}: review hook {hook} of docs/upstream.md"
+    assert str(inspect.signature(fn)) == signature, review
+    assert hashlib.sha256(inspect.getsource(fn).encode()).hexdigest() == digest, review
 
 
 def _batch(lengths: list[int], width: int = 12):
@@ -116,7 +262,9 @@ def test_response_only_lm_head_gives_verls_log_probs(dtype, tmp_path):
     if dtype == "bfloat16" and not precision.cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (AVX-512-BF16): the bf16 path is not what it runs")
     root = Path(__file__).resolve().parents[1]
-    model = build_tiny_checkpoint(root / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176))
+    model = build_tiny_checkpoint(
+        root / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176)
+    )
     sparse_evidence.generate(tmp_path / "task", seed=0, n_train=8, n_val=2)
     out = tmp_path / "logits.json"
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", "VERL_ENGINE_VENDOR": "nvidia",
@@ -154,9 +302,20 @@ def test_sft_warmstart_lm_head_from_the_loss_gives_verls_loss(tmp_path):
     from vitos_verl.platform import precision
 
     root = Path(__file__).resolve().parents[1]
-    model = build_tiny_checkpoint(root / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176))
+    model = build_tiny_checkpoint(
+        root / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176)
+    )
     sparse_evidence.generate(tmp_path / "task", seed=0, n_train=8, n_val=2)
-    sft.main(["--out", str(tmp_path / "sft.parquet"), "--max-pixels", "50176", "--inputs", str(tmp_path / "task" / "train.parquet")])
+    sft.main(
+        [
+            "--out",
+            str(tmp_path / "sft.parquet"),
+            "--max-pixels",
+            "50176",
+            "--inputs",
+            str(tmp_path / "task" / "train.parquet"),
+        ]
+    )
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda", "VERL_ENGINE_VENDOR": "nvidia",
            precision.ENV: "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
     torchrun = Path(sys.executable).parent / "torchrun"
