@@ -338,3 +338,35 @@ def test_sft_warmstart_lm_head_from_the_loss_gives_verls_loss(tmp_path):
     for (loss_a, grad_a), (loss_b, grad_b) in zip(losses["verl"], losses["vitos"]):
         assert loss_a > 1.0 and abs(loss_a - loss_b) <= 1e-4 * loss_a, losses  # a random policy's loss, equal
         assert abs(grad_a - grad_b) <= 1e-3 * grad_a, losses
+
+
+@pytest.mark.parametrize(
+    "mixin, base",
+    [
+        ("AgentLoopHooks", "verl.experimental.agent_loop.agent_loop:AgentLoopBase"),
+        ("AgentLoopWorkerHooks", "verl.experimental.agent_loop.agent_loop:AgentLoopWorker"),
+        ("AgentLoopManagerHooks", "verl.experimental.agent_loop.agent_loop:AgentLoopManager"),
+    ],
+)
+def test_hook_mixins_override_only_pinned_methods_and_shadow_nothing(mixin, base):
+    """A mixin's private names are verl methods pinned above (an upgrade that renames one fails
+    here, not as a silently unused override); its public names are new to verl's class (an
+    upgrade that adds one of them would be shadowed)."""
+    import importlib
+
+    module, cls_name = base.split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    pinned = {(m, name) for _, m, name in PINNED_HOOKS}
+    names = [n for n in vars(getattr(verl_0_9, mixin)) if n == "__init__" or not n.startswith("__")]
+    private = [n for n in names if n.startswith("_")]
+    public = [n for n in names if not n.startswith("_")]
+    assert private, mixin
+    for n in private:
+        owner = next(k for k in cls.__mro__ if n in vars(k))
+        assert (owner.__module__, f"{owner.__name__}.{n}") in pinned, f"{mixin}.{n} overrides an unpinned verl method"
+    import re
+
+    sources = "".join(inspect.getsource(k) for k in cls.__mro__ if k.__module__.startswith("verl."))
+    for n in public:  # neither a class attribute nor an instance attribute verl sets
+        assert not hasattr(cls, n), f"{mixin}.{n} shadows verl's {cls_name}.{n}"
+        assert not re.search(rf"self\.{n}\s*=", sources), f"{mixin}.{n} shadows an attribute verl's {cls_name} sets"

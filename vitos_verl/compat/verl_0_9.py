@@ -220,3 +220,102 @@ def uninstall_worker() -> None:
         fn = getattr(FSDPEngineWithLMHead, name)
         if getattr(fn, _MARK, False):
             setattr(FSDPEngineWithLMHead, name, fn.__wrapped__)
+
+
+# --------------------------------------------------------------------------- agent loop
+# verl 0.9.1's agent loop (``verl/experimental/agent_loop/agent_loop.py``) has no public hooks for
+# what the ViToS loop changes. These mixins (put before verl's class in the bases) take verl's
+# private methods and hand them to public-named methods whose defaults are verl's own; the
+# ViToS classes (:mod:`vitos_verl.rollout.agent_loop`) override only the public names. Rows V5 to
+# V11 of docs/upstream.md; the upstream symbols are pinned by ``tests/test_compat.py``.
+
+
+class AgentLoopHooks:
+    """For a subclass of verl 0.9.1's ``AgentLoopBase`` (row V5)."""
+
+    def _get_mm_processor_kwargs(self, audio_data=None) -> dict:
+        # AgentLoopBase._get_mm_processor_kwargs (agent_loop.py:276): the request's processor kwargs
+        return self.request_mm_processor_kwargs(super()._get_mm_processor_kwargs(audio_data))
+
+    def request_mm_processor_kwargs(self, kwargs: dict) -> dict:
+        """The ``mm_processor_kwargs`` of this loop's requests, given verl's (default: unchanged)."""
+        return kwargs
+
+
+class AgentLoopWorkerHooks:
+    """For a subclass of verl 0.9.1's ``AgentLoopWorker`` (rows V6 to V10)."""
+
+    def _compute_multi_modal_inputs(self, output, input_ids):  # agent_loop.py:868 (V6)
+        return self.multi_modal_inputs(output, input_ids)
+
+    def multi_modal_inputs(self, output, input_ids) -> dict:
+        """A sample's ``multi_modal_inputs`` (verl: the HF processor re-run on the decoded prompt)."""
+        return super()._compute_multi_modal_inputs(output, input_ids)
+
+    def _compute_position_ids(self, input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs=None):  # :920 (V7)
+        return self.position_ids(input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs)
+
+    def position_ids(self, input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs=None):
+        """A sample's ``(1, 4, L)`` position ids (verl: ``get_rope_index`` on the full prompt)."""
+        return super()._compute_position_ids(input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs)
+
+    async def _run_agent_loop(self, sampling_params, trajectory, *, agent_name, trace=True, **kwargs):  # :661 (V8)
+        return await self.run_sample(sampling_params, trajectory, agent_name=agent_name, trace=trace, **kwargs)
+
+    async def run_sample(self, sampling_params, trajectory, *, agent_name, trace=True, **kwargs):
+        """One sample's agent loop, reward and post-processing (verl's ``_run_agent_loop``;
+        ``generate_sequences`` gathers these without ``return_exceptions``)."""
+        return await super()._run_agent_loop(sampling_params, trajectory, agent_name=agent_name, trace=trace, **kwargs)
+
+    async def _compute_score(self, outputs, kwargs) -> None:  # :967 (V9)
+        return await self.score_sample(outputs, kwargs)
+
+    async def score_sample(self, outputs, kwargs) -> None:
+        """The reward loop's call for one sample (verl: no time limit; sets ``reward_score`` and
+        ``extra_fields["reward_extra_info"]`` of ``outputs[-1]``)."""
+        return await super()._compute_score(outputs, kwargs)
+
+    def _postprocess(self, inputs, input_non_tensor_batch=None, validate=False):  # :1057 (V10)
+        return self.assemble_batch(inputs, input_non_tensor_batch=input_non_tensor_batch, validate=validate)
+
+    def assemble_batch(self, inputs, input_non_tensor_batch=None, validate=False):
+        """The step's ``DataProto`` from the post-processed samples (verl takes the
+        ``reward_extra_info`` keys of the first sample for every sample)."""
+        return super()._postprocess(inputs, input_non_tensor_batch=input_non_tensor_batch, validate=validate)
+
+    async def postprocess_sample(self, output, validate: bool, **kwargs):
+        """verl's ``_agent_loop_postprocess`` (:728) of one ``AgentLoopOutput`` (V8)."""
+        return await self._agent_loop_postprocess(output, validate, **kwargs)
+
+    def build_agent_loop(self, agent_name: str, server_manager):
+        """The agent loop ``agent_name`` with another ``server_manager``, built as verl 0.9.1's
+        ``_run_agent_loop`` builds it (``_agent_loop_registry``, ``DictConfigWrap``,
+        ``ToolListWrap``; V8)."""
+        import hydra
+        from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap, _agent_loop_registry
+
+        return hydra.utils.instantiate(
+            config=_agent_loop_registry[agent_name],
+            trainer_config=DictConfigWrap(config=self.config),
+            server_manager=server_manager,
+            tokenizer=self.tokenizer,
+            processor=self.processor,
+            hf_model_type=self.hf_model_type,
+            dataset_cls=self.dataset_cls,
+            data_config=DictConfigWrap(self.config.data),
+            tools=ToolListWrap(self.tools),
+        )
+
+
+class AgentLoopManagerHooks:
+    """For a subclass of verl 0.9.1's ``AgentLoopManager``: its workers are ``worker_class``
+    actors (``AgentLoopManager.__init__`` keeps an ``agent_loop_workers_class`` set before it, :1197;
+    row V11)."""
+
+    worker_class: type
+
+    def __init__(self, *args, **kwargs):
+        import ray
+
+        self.agent_loop_workers_class = ray.remote(self.worker_class)
+        super().__init__(*args, **kwargs)

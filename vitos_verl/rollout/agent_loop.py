@@ -61,23 +61,19 @@ import asyncio
 import logging
 from typing import Any
 
-import hydra
-import ray
 import torch
 from verl.experimental.agent_loop.agent_loop import (
     AgentLoopManager,
     AgentLoopMetrics,
     AgentLoopOutput,
     AgentLoopWorker,
-    DictConfigWrap,
-    ToolListWrap,
-    _agent_loop_registry,
     register,
 )
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 from verl.utils.tokenizer.tokenizer import get_processor_token_id
 from verl.workers.rollout.replica import TokenOutput
 
+from vitos_verl.compat import verl_0_9
 from vitos_verl.pruning import KEEP_ALL, KEEP_FIELD, KEEP_KWARG, KeepMask, cell_grid_of, mrope_position_ids
 from vitos_verl.records import AGENT_NAME, ERROR_KEY, FAILED_KEY, FAULT_KEY
 from vitos_verl.rewards.guard import GUARDED_KEYS, failed_scores, normalize_scores
@@ -120,7 +116,7 @@ class _RoutedServer:
 
 
 @register(AGENT_NAME)
-class PrunedAgentLoop(SingleTurnAgentLoop):
+class PrunedAgentLoop(verl_0_9.AgentLoopHooks, SingleTurnAgentLoop):
     """Single-turn rollout on the visual tokens a keep mask selects (see module doc).
 
     Per-sample input (``non_tensor_batch`` columns): ``vitos_keep``
@@ -155,8 +151,8 @@ class PrunedAgentLoop(SingleTurnAgentLoop):
             output.prompt_ids = prune_input_ids(ids, grid, [mask], get_processor_token_id(self.processor, "image")).tolist()
         return output
 
-    def _get_mm_processor_kwargs(self, audio_data=None) -> dict[str, Any]:
-        kwargs = super()._get_mm_processor_kwargs(audio_data)
+    def request_mm_processor_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """verl's request kwargs plus :data:`~vitos_verl.pruning.KEEP_KWARG` when this sample is pruned."""
         if getattr(self, "_vitos_keep", ""):
             kwargs[KEEP_KWARG] = self._vitos_keep
         return kwargs
@@ -177,16 +173,17 @@ class _OneTokenServer:
         return TokenOutput(token_ids=[self.token_id], log_probs=logprobs, stop_reason="aborted")
 
 
-class ViToSAgentLoopWorker(AgentLoopWorker):
+class ViToSAgentLoopWorker(verl_0_9.AgentLoopWorkerHooks, AgentLoopWorker):
     """verl's agent-loop worker whose post-processing knows pruned prompts and whose failed
     samples become flagged placeholders instead of ending the step (module doc)."""
 
-    def _compute_multi_modal_inputs(self, output, input_ids) -> dict[str, torch.Tensor]:
+    def multi_modal_inputs(self, output, input_ids) -> dict[str, torch.Tensor]:
+        """verl's, with the processor run on the full image and the flat keep mask added."""
         mm_kwargs = dict(output.mm_processor_kwargs or {})
         keep = mm_kwargs.pop(KEEP_KWARG, KEEP_ALL)
         if keep:  # the processor re-expands the collapsed image run to the full image
             output = output.model_copy(update={"mm_processor_kwargs": mm_kwargs})
-        inputs = super()._compute_multi_modal_inputs(output, input_ids)
+        inputs = super().multi_modal_inputs(output, input_ids)
         grid = inputs.get("image_grid_thw")
         if grid is None:
             return inputs
@@ -196,10 +193,11 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         inputs[KEEP_FIELD] = KeepMask.concat(masks)
         return inputs
 
-    def _compute_position_ids(self, input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs=None):
+    def position_ids(self, input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs=None):
+        """Pruned M-RoPE ids (:func:`vitos_verl.pruning.mrope_position_ids`) for an image sample, verl's otherwise."""
         flat = multi_modal_inputs.get(KEEP_FIELD)
         if flat is None:
-            return super()._compute_position_ids(input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs)
+            return super().position_ids(input_ids, attention_mask, multi_modal_inputs, mm_processor_kwargs)
         multi_modal_inputs.pop("mm_token_type_ids", None)
         grid = multi_modal_inputs["image_grid_thw"]
         masks = KeepMask.split(flat, grid)
@@ -210,9 +208,9 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         return torch.cat([text.unsqueeze(0), vision.unsqueeze(0)], dim=1)  # (1, 4, L), verl's layout
 
     # ---------------------------------------------------------------- failed samples
-    # verl 0.9.1 private hook: AgentLoopWorker.generate_sequences awaits one _run_agent_loop per
-    # sample under a plain asyncio.gather, so one sample's exception ended the whole step.
-    async def _run_agent_loop(self, sampling_params, trajectory, *, agent_name, trace=True, **kwargs):
+    # verl 0.9.1's generate_sequences awaits one sample's loop per sample under a plain
+    # asyncio.gather, so one sample's exception ended the whole step.
+    async def run_sample(self, sampling_params, trajectory, *, agent_name, trace=True, **kwargs):
         """verl's per-sample agent loop; an ``Exception`` becomes a failed placeholder.
 
         Every output gets the non-tensor columns :data:`FAILED_KEY` (0/1), :data:`FAULT_KEY`
@@ -221,7 +219,7 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         ``response_mask`` is 0, and a reward of 0. Cancellation (``BaseException``) is not caught.
         """
         try:
-            out = await super()._run_agent_loop(sampling_params, trajectory, agent_name=agent_name, trace=trace, **kwargs)
+            out = await super().run_sample(sampling_params, trajectory, agent_name=agent_name, trace=trace, **kwargs)
         except Exception as exc:
             fault = "reward" if isinstance(exc, RewardLoopError) else "rollout"
             cause = exc.__cause__ if fault == "reward" and exc.__cause__ is not None else exc
@@ -251,7 +249,7 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         """
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else (self.tokenizer.pad_token_id or 0)
         try:
-            output = await self._agent_loop(agent_name, _OneTokenServer(eos)).run(sampling_params, **kwargs)
+            output = await self.build_agent_loop(agent_name, _OneTokenServer(eos)).run(sampling_params, **kwargs)
             return await self._postprocess_placeholder(output, trajectory, kwargs)
         except Exception as exc:
             logger.error("sample %s: placeholder with its prompt failed too (%s: %s); using a text-only one",
@@ -265,24 +263,10 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         if self.reward_loop_worker_handles is not None:  # verl adds rm_scores only when every sample has one
             output.reward_score = 0.0
             output.extra_fields["reward_extra_info"] = {}  # keys filled in by _postprocess
-        return await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)
+        return await self.postprocess_sample(output, trajectory["validate"], **kwargs)
 
-    def _agent_loop(self, agent_name: str, server):
-        # built as verl 0.9.1's AgentLoopWorker._run_agent_loop builds it, with another server
-        return hydra.utils.instantiate(
-            config=_agent_loop_registry[agent_name],
-            trainer_config=DictConfigWrap(config=self.config),
-            server_manager=server,
-            tokenizer=self.tokenizer,
-            processor=self.processor,
-            hf_model_type=self.hf_model_type,
-            dataset_cls=self.dataset_cls,
-            data_config=DictConfigWrap(self.config.data),
-            tools=ToolListWrap(self.tools),
-        )
-
-    # verl 0.9.1 private hook: the reward loop's call for one sample (inside _run_agent_loop).
-    async def _compute_score(self, outputs, kwargs) -> None:
+    # the reward loop's call for one sample (inside run_sample)
+    async def score_sample(self, outputs, kwargs) -> None:
         """verl's reward-loop call under a time limit, its result normalised for both streams.
 
         The reward loop calls the configured ``reward.custom_reward_function`` (the built-in
@@ -300,10 +284,10 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
         """
         final = outputs[-1]
         if final.reward_score is not None or self.reward_loop_worker_handles is None:
-            return await super()._compute_score(outputs, kwargs)
+            return await super().score_sample(outputs, kwargs)
         limit = float(self.config.vitos.reward_timeout_s) + REWARD_CALL_MARGIN_S
         try:
-            await asyncio.wait_for(super()._compute_score(outputs, kwargs), timeout=limit)
+            await asyncio.wait_for(super().score_sample(outputs, kwargs), timeout=limit)
             # verl logs a number's score as "acc" only; the score itself is reward_score
             info = normalize_scores({"score": final.reward_score, **(final.extra_fields.get("reward_extra_info") or {})})
         except asyncio.TimeoutError:
@@ -313,20 +297,18 @@ class ViToSAgentLoopWorker(AgentLoopWorker):
             raise RewardLoopError(f"reward loop call failed: {type(exc).__name__}") from exc
         final.extra_fields["reward_extra_info"] = info
 
-    # verl 0.9.1 private hook: _postprocess takes the reward_extra_info keys of the first sample.
-    def _postprocess(self, inputs, input_non_tensor_batch=None, validate=False):
+    # verl takes the reward_extra_info keys of the first sample for every sample
+    def assemble_batch(self, inputs, input_non_tensor_batch=None, validate=False):
         """verl's batch assembly, after giving failed samples the others' reward keys (zeros)."""
         ok = [o for o in inputs if not o.extra_fields.get(FAILED_KEY)]
         keys = list(ok[0].extra_fields.get("reward_extra_info", {})) if ok else list(GUARDED_KEYS)
         for o in inputs:
             if o.extra_fields.get(FAILED_KEY) and o.reward_score is not None:
                 o.extra_fields["reward_extra_info"] = dict.fromkeys(keys, 0.0)
-        return super()._postprocess(inputs, input_non_tensor_batch=input_non_tensor_batch, validate=validate)
+        return super().assemble_batch(inputs, input_non_tensor_batch=input_non_tensor_batch, validate=validate)
 
 
-class ViToSAgentLoopManager(AgentLoopManager):
+class ViToSAgentLoopManager(verl_0_9.AgentLoopManagerHooks, AgentLoopManager):
     """verl's ``AgentLoopManager`` running :class:`ViToSAgentLoopWorker` actors."""
 
-    def __init__(self, *args, **kwargs):
-        self.agent_loop_workers_class = ray.remote(ViToSAgentLoopWorker)
-        super().__init__(*args, **kwargs)
+    worker_class = ViToSAgentLoopWorker
