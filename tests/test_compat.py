@@ -346,6 +346,8 @@ def test_sft_warmstart_lm_head_from_the_loss_gives_verls_loss(tmp_path):
         ("AgentLoopHooks", "verl.experimental.agent_loop.agent_loop:AgentLoopBase"),
         ("AgentLoopWorkerHooks", "verl.experimental.agent_loop.agent_loop:AgentLoopWorker"),
         ("AgentLoopManagerHooks", "verl.experimental.agent_loop.agent_loop:AgentLoopManager"),
+        ("TrainerHooks", "verl.trainer.ppo.ray_trainer:RayPPOTrainer"),
+        ("DatasetHooks", "verl.utils.dataset.rl_dataset:RLHFDataset"),
     ],
 )
 def test_hook_mixins_override_only_pinned_methods_and_shadow_nothing(mixin, base):

@@ -347,9 +347,9 @@ def _fit(total_steps: int, loader: _Loader, epochs: int, save_freq: int, test_fr
     t.train_dataloader, t.val_dataloader = loader, object()
     done = SimpleNamespace(steps=[], saves=[], in_step=[], validations=[], logged=[])
     t._tracker = lambda: SimpleNamespace(log=lambda data, step: done.logged.append((step, sorted(data))))
-    t._load_checkpoint = lambda: setattr(t, "global_steps", resume)
+    t.load_checkpoint = lambda: setattr(t, "global_steps", resume)
     t.checkpoint_manager = SimpleNamespace(update_weights=lambda step: None, sleep_replicas=lambda: None)
-    t._save_checkpoint = lambda: done.saves.append(t.global_steps)
+    t.save_checkpoint = lambda: done.saves.append(t.global_steps)
 
     def _validate():
         done.validations.append(t.global_steps)
@@ -359,10 +359,10 @@ def _fit(total_steps: int, loader: _Loader, epochs: int, save_freq: int, test_fr
         done.steps.append(t.global_steps)
         if save:  # inside the step, while vLLM sleeps
             done.in_step.append(t.global_steps)
-            t._save_checkpoint()
+            t.save_checkpoint()
         return {"timing_s/step": 0.01}
 
-    t._validate, t.train_step = _validate, train_step
+    t.validate, t.train_step = _validate, train_step
     t.fit()
     return done
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from vitos_verl.compat import verl_0_9
 from vitos_verl.trainer import vit_cache_metrics as vcm
 from vitos_verl.trainer.vit_cache_metrics import (
     PREFIX,
@@ -75,9 +76,9 @@ def test_rollout_servers_from_verl_replicas():
     a, b, c = object(), object(), object()
     trainer = SimpleNamespace(llm_server_manager=SimpleNamespace(get_replicas=lambda: [SimpleNamespace(servers=[a, b]),
                                                                                          SimpleNamespace(servers=[], _server_handle=c)]))
-    assert vcm.rollout_servers(trainer) == [[a, b], [c]]
+    assert verl_0_9.rollout_server_handles(trainer) == [[a, b], [c]]
     trainer = SimpleNamespace(checkpoint_manager=SimpleNamespace(replicas=[SimpleNamespace(servers=[a])]))
-    assert vcm.rollout_servers(trainer) == [[a]]
+    assert verl_0_9.rollout_server_handles(trainer) == [[a]]
 
 
 class _Engine:

@@ -33,6 +33,7 @@ starts its LM head at the loss mask's first token less one, and its loss equals 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -319,3 +320,200 @@ class AgentLoopManagerHooks:
 
         self.agent_loop_workers_class = ray.remote(self.worker_class)
         super().__init__(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- trainer
+class TrainerHooks:
+    """For a subclass of verl 0.9.1's (legacy, deprecated) ``RayPPOTrainer``
+    (``verl/trainer/ppo/ray_trainer.py``; rows V15 to V19 of docs/upstream.md).
+
+    verl's ``fit`` calls ``_validate``, ``_save_checkpoint`` and ``_load_checkpoint``; they reach
+    ``validate``, ``save_checkpoint`` and ``load_checkpoint`` (defaults: verl's). The driver-side
+    steps a dual-stream step reuses are called by public names: :meth:`balance_batch`,
+    :meth:`old_log_prob`, :meth:`ref_log_prob`, :meth:`update_actor`.
+    """
+
+    def _validate(self, merged: bool = False):  # ray_trainer.py:596
+        return self.validate()
+
+    def validate(self) -> dict:
+        """Validation metrics (verl: one generation per prompt, its reward)."""
+        return super()._validate()
+
+    def _save_checkpoint(self):  # :983
+        return self.save_checkpoint()
+
+    def save_checkpoint(self):
+        """verl's save (``<default_local_dir>/global_step_<N>/{actor/, data.pt}``, then the tracker)."""
+        return super()._save_checkpoint()
+
+    def _load_checkpoint(self):  # :1052
+        return self.load_checkpoint()
+
+    def load_checkpoint(self):
+        """verl's resume (``trainer.resume_mode``; sets ``global_steps``)."""
+        return super()._load_checkpoint()
+
+    def balance_batch(self, batch, metrics: dict, logging_prefix: str) -> None:
+        """verl's ``_balance_batch`` (:1182): reorders ``batch`` in place so each data-parallel rank
+        gets a similar token count; logs under ``logging_prefix``."""
+        self._balance_batch(batch, metrics=metrics, logging_prefix=logging_prefix)
+
+    def old_log_prob(self, batch):
+        """verl's ``_compute_old_log_prob`` (:1290): ``(DataProto with old_log_probs, mfu)``."""
+        return self._compute_old_log_prob(batch)
+
+    def ref_log_prob(self, batch):
+        """verl's ``_compute_ref_log_prob`` (:1266): a ``DataProto`` with ``ref_log_prob``."""
+        return self._compute_ref_log_prob(batch)
+
+    def update_actor(self, batch):
+        """verl's ``_update_actor`` (:1327): one actor update on ``batch``; its output's
+        ``meta_info["metrics"]``."""
+        return self._update_actor(batch)
+
+
+class _Captured:
+    """An in-memory text file: what verl wrote is ``text`` after ``close``."""
+
+    def __init__(self) -> None:
+        import io
+
+        self._buf = io.StringIO()
+        self.text: str | None = None
+
+    def write(self, s: str) -> int:
+        return self._buf.write(s)
+
+    def close(self) -> None:
+        self.text = self._buf.getvalue()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def capture_tracker_write(tracker):
+    """Within the block, verl 0.9.1's ``RayPPOTrainer._save_checkpoint`` writes its resume tracker
+    (``open(<default_local_dir>/latest_checkpointed_iteration.txt, "w")``, ray_trainer.py:1049) to
+    memory instead of disk; yields the list of captured files (empty: verl wrote none). Row V19.
+
+    verl's method looks ``open`` up in its module's globals before the builtins, so a module
+    global shadows it for that module alone, and only for the tracker path; removed on exit.
+    """
+    import builtins
+    import os
+
+    import verl.trainer.ppo.ray_trainer as module
+
+    captured: list[_Captured] = []
+    target = os.path.abspath(tracker)
+
+    def _open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and "w" in mode and os.path.abspath(file) == target:
+            captured.append(_Captured())
+            return captured[-1]
+        return builtins.open(file, mode, *args, **kwargs)
+
+    had = "open" in vars(module)
+    previous = vars(module).get("open")
+    module.open = _open
+    try:
+        yield captured
+    finally:
+        if had:
+            module.open = previous
+        else:
+            del module.open
+
+
+# --------------------------------------------------------------------------- worker
+def hold_lr_scheduler(engine):
+    """A context manager keeping verl 0.9.1 ``engine``'s LR scheduler where it is for the calls made
+    inside the block (row V13).
+
+    verl's ``TrainingWorker.train_batch`` (``verl/workers/engine_workers.py:376``) calls
+    ``engine.lr_scheduler_step()`` after the last mini-batch of every ``update_actor`` call; inside
+    this block that method (shadowed by an instance attribute, removed on exit) returns the current
+    learning rate (first parameter group, as verl's ``FSDPEngine.lr_scheduler_step`` does,
+    ``transformer_impl.py:836``) without stepping.
+    """
+
+    @contextlib.contextmanager
+    def held():
+        def current_lr():
+            sched = getattr(engine, "lr_scheduler", None)
+            return None if sched is None else sched.get_last_lr()[0]
+
+        engine.lr_scheduler_step = current_lr
+        try:
+            yield
+        finally:
+            del engine.lr_scheduler_step
+
+    return held()
+
+
+def set_update_mini_batch(data, size: int) -> None:
+    """Set the two keys verl 0.9.1's ``RayPPOTrainer._update_actor`` (ray_trainer.py:1327) puts in
+    the actor's TensorDict from ``ppo_mini_batch_size * rollout.n``: ``mini_batch_size`` (how
+    ``TrainingWorker.train_mini_batch`` splits the batch) and ``global_batch_size`` (the
+    sequence-mean loss modes' normaliser, ``agg_loss``), both to ``size`` samples (row V12)."""
+    from verl.utils import tensordict_utils as tu
+
+    tu.assign_non_tensor(data, mini_batch_size=int(size), global_batch_size=int(size))
+
+
+# --------------------------------------------------------------------------- dataset
+class DatasetHooks:
+    """For a subclass of verl 0.9.1's ``RLHFDataset`` (``verl/utils/dataset/rl_dataset.py``; row V21)."""
+
+    def _build_messages(self, example: dict, key: str):  # rl_dataset.py:299
+        return self.build_messages(example, key)
+
+    def build_messages(self, example: dict, key: str) -> list:
+        """The chat of ``example[key]`` with its ``<image>`` placeholders turned into image parts (verl's)."""
+        return super()._build_messages(example, key)
+
+
+# --------------------------------------------------------------------------- driver internals
+def rollout_server_handles(trainer) -> list[list]:
+    """Ray handles of the rollout replicas' ``vLLMHttpServer`` actors, one list per replica (row V22).
+
+    verl 0.9.1: ``trainer.llm_server_manager.get_replicas()`` (``verl/workers/rollout/llm_server.py:538``),
+    else ``trainer.checkpoint_manager.replicas`` (``verl/checkpoint_engine/base.py:420``); each
+    replica's ``servers``, else its private ``_server_handle`` (``llm_server.py:485``).
+
+    Raises:
+        RuntimeError: the trainer has no rollout replicas.
+    """
+    manager = getattr(trainer, "llm_server_manager", None)
+    replicas = manager.get_replicas() if manager is not None else getattr(getattr(trainer, "checkpoint_manager", None), "replicas", None)
+    if not replicas:
+        raise RuntimeError("no rollout replicas (trainer.llm_server_manager / checkpoint_manager.replicas)")
+    servers = []
+    for replica in replicas:
+        handles = list(getattr(replica, "servers", None) or [])
+        if not handles and getattr(replica, "_server_handle", None) is not None:
+            handles = [replica._server_handle]
+        servers.append(handles)
+    return servers
+
+
+def tracking_backends(tracker) -> dict:
+    """verl 0.9.1 ``Tracking``'s backends (``verl/utils/tracking.py:38``: its ``logger`` dict, the
+    configured backend name -> its module or adapter; one not installed is absent). Row V23."""
+    return dict(getattr(tracker, "logger", None) or {})
+
+
+def tensorboard_writer(backend):
+    """The ``SummaryWriter`` of verl 0.9.1's tensorboard adapter (``tracking.py:560``, ``.writer``)."""
+    return backend.writer
+
+
+def file_logger_path(backend) -> str:
+    """The metrics file of verl 0.9.1's ``FileLogger`` (``tracking.py:534``, ``.filepath``)."""
+    return backend.filepath

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
+from vitos_verl.compat import verl_0_9
 from vitos_verl.data.prompts import GroundingPrompt, row_chat
 from vitos_verl.pruning import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, grounding_budget
 
@@ -41,7 +42,7 @@ def processor_pixel_budget(processor) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-class ViToSDataset(RLHFDataset):
+class ViToSDataset(verl_0_9.DatasetHooks, RLHFDataset):
     """``RLHFDataset`` whose image parts carry the model's pixel budget (see module doc)."""
 
     def __init__(self, data_files, tokenizer, config, processor=None, max_samples: int = -1):
@@ -65,11 +66,12 @@ class ViToSDataset(RLHFDataset):
         out.pop(self.reasoning_prompt_key, None)
         return out
 
-    def _build_messages(self, example: dict, key: str):
+    def build_messages(self, example: dict, key: str):
+        """verl's chat, rendered from the record for the grounding stream, with the pixel budget in every image part."""
         grounding = key == self.prompt_key != self.reasoning_prompt_key
         if grounding:  # the run's grounding prompt, from the row's record (module doc)
             example[key] = row_chat(example, "grounding", self.grounding_prompt)
-        messages = super()._build_messages(example, key)
+        messages = super().build_messages(example, key)
         lo, hi = self.min_pixels, self.max_pixels
         if grounding:
             lo, hi = self.grounding_min_pixels, self.grounding_max_pixels
@@ -81,5 +83,5 @@ class ViToSDataset(RLHFDataset):
                         part.setdefault("max_pixels", hi)
         # the reasoning chat rides along with verl's raw_prompt, from the same row
         if key == self.prompt_key != self.reasoning_prompt_key and example.get(self.reasoning_prompt_key) is not None:
-            example["raw_reasoning_prompt"] = self._build_messages(example, self.reasoning_prompt_key)
+            example["raw_reasoning_prompt"] = self.build_messages(example, self.reasoning_prompt_key)
         return messages

@@ -24,17 +24,14 @@ Here, instead:
 
 from __future__ import annotations
 
-import builtins
-import io
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from vitos_verl.atomic import atomic_write_text
+from vitos_verl.compat import verl_0_9
 
 TRACKER = "latest_checkpointed_iteration.txt"  # verl 0.9.1 checkpoint_manager.get_checkpoint_tracker_filename
 MARKER = "vitos_complete.json"
@@ -181,41 +178,7 @@ def check_resume(trainer: Mapping[str, Any]) -> Path | None:
     return resolve_resume(root)
 
 
-class _Captured(io.StringIO):
-    def close(self) -> None:
-        self.text = self.getvalue()
-        super().close()
-
-
-@contextmanager
-def _tracker_write_captured(module: ModuleType, tracker: Path) -> Iterator[list[_Captured]]:
-    """Within the block, ``open(tracker, "w")`` in ``module`` writes to memory, not to disk.
-
-    verl's ``_save_checkpoint`` looks ``open`` up in its module's globals before the builtins,
-    so a module global shadows it for that module alone, and only for the tracker path.
-    """
-    captured: list[_Captured] = []
-    target = os.path.abspath(tracker)
-
-    def _open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and "w" in mode and os.path.abspath(file) == target:
-            captured.append(_Captured())
-            return captured[-1]
-        return builtins.open(file, mode, *args, **kwargs)
-
-    had = "open" in vars(module)
-    previous = vars(module).get("open")
-    module.open = _open
-    try:
-        yield captured
-    finally:
-        if had:
-            module.open = previous
-        else:
-            del module.open
-
-
-def save_with_atomic_tracker(save: Callable[[], Any], root: str | os.PathLike, step: int, verl_module: ModuleType) -> bool:
+def save_with_atomic_tracker(save: Callable[[], Any], root: str | os.PathLike, step: int) -> bool:
     """Run verl's ``_save_checkpoint`` (``save``) with a marker and an atomic tracker.
 
     Args:
@@ -223,7 +186,6 @@ def save_with_atomic_tracker(save: Callable[[], Any], root: str | os.PathLike, s
             ``<root>/global_step_<step>/{actor/, data.pt}`` and then the tracker.
         root: ``trainer.default_local_dir``.
         step: the step being saved (``global_steps``).
-        verl_module: the module ``save`` is defined in (``verl.trainer.ppo.ray_trainer``).
 
     Returns:
         True when the tracker now names ``step``; False when verl wrote no tracker
@@ -233,7 +195,7 @@ def save_with_atomic_tracker(save: Callable[[], Any], root: str | os.PathLike, s
         CheckpointError: verl returned but the folder lacks ``actor/`` or ``data.pt``.
         Exception: whatever verl's save raised; the tracker still names the previous step.
     """
-    with _tracker_write_captured(verl_module, Path(root) / TRACKER) as captured:
+    with verl_0_9.capture_tracker_write(Path(root) / TRACKER) as captured:
         save()
     if not captured:
         return False

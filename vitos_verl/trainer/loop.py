@@ -20,7 +20,7 @@ class StepActions:
     """What the loop does after a training step.
 
     Attributes:
-        save: write a checkpoint (``_save_checkpoint``) of this step.
+        save: write a checkpoint (``save_checkpoint``) of this step.
         validate: run validation and log it at this step.
     """
 

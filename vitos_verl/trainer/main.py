@@ -25,7 +25,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 from vitos_verl.compat import verl_0_9
 from vitos_verl.rollout.actor_patch import apply_actor_patch
 from vitos_verl.trainer.checks import check_config
-from vitos_verl.trainer.optim_steps import hold_lr_scheduler, override_mini_batch, pop_lr_step
+from vitos_verl.trainer.optim_steps import override_mini_batch, pop_lr_step
 
 
 class ViToSActorRolloutRefWorker(ActorRolloutRefWorker):
@@ -51,7 +51,7 @@ class ViToSActorRolloutRefWorker(ActorRolloutRefWorker):
             data: this rank's TensorDict from ``RayPPOTrainer._update_actor`` (verl 0.9.1); its
                 ``vitos_mini_batch_size`` (global samples per mini-batch) replaces verl's
                 ``mini_batch_size``/``global_batch_size`` (:func:`override_mini_batch`), and its
-                ``vitos_step_lr=False`` keeps the LR scheduler still (:func:`hold_lr_scheduler`:
+                ``vitos_step_lr=False`` keeps the LR scheduler still (:func:`vitos_verl.compat.verl_0_9.hold_lr_scheduler`:
                 one scheduler step per ViToS step, not one per update).
 
         Returns:
@@ -60,7 +60,7 @@ class ViToSActorRolloutRefWorker(ActorRolloutRefWorker):
         override_mini_batch(data)
         if pop_lr_step(data):
             return super().update_actor(data)
-        with hold_lr_scheduler(self.actor.engine):  # not the step's last update: LR stays
+        with verl_0_9.hold_lr_scheduler(self.actor.engine):  # not the step's last update: LR stays
             return super().update_actor(data)
 
 

@@ -18,12 +18,13 @@ TensorDict as non-tensor data, and the ViToS worker
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+
+from vitos_verl.compat import verl_0_9
 
 MINI_BATCH_KEY = "vitos_mini_batch_size"
 LR_STEP_KEY = "vitos_step_lr"  # False on every update of a ViToS step but its last
@@ -66,7 +67,7 @@ def override_mini_batch(data: TensorDict) -> int | None:
     if size is None:
         return None
     size = int(size)
-    tu.assign_non_tensor(data, mini_batch_size=size, global_batch_size=size)
+    verl_0_9.set_update_mini_batch(data, size)
     return size
 
 
@@ -91,25 +92,3 @@ def pop_lr_step(data: TensorDict) -> bool:
     """Whether this ``update_actor`` call may advance the LR scheduler (:data:`LR_STEP_KEY`, popped;
     True when absent, verl's own behaviour)."""
     return bool(tu.pop(data, key=LR_STEP_KEY, default=True))
-
-
-@contextmanager
-def hold_lr_scheduler(engine: Any) -> Iterator[None]:
-    """Keep ``engine``'s LR scheduler where it is for the calls made inside the block.
-
-    verl 0.9.1's ``TrainingWorker.train_batch`` (``verl/workers/engine_workers.py``) calls
-    ``engine.lr_scheduler_step()`` after the last mini-batch of every ``update_actor`` call, so a
-    ViToS step, which updates the policy twice (grounding, then reasoning), would advance a
-    warm-up or decay schedule twice. The driver marks every update of a step but the last with
-    ``LR_STEP_KEY = False``; inside this block ``lr_scheduler_step`` returns the current learning
-    rate (first parameter group, as verl's does) without stepping.
-    """
-    def current_lr() -> float | None:
-        sched = getattr(engine, "lr_scheduler", None)
-        return None if sched is None else sched.get_last_lr()[0]
-
-    engine.lr_scheduler_step = current_lr  # an instance attribute shadows the engine's method
-    try:
-        yield
-    finally:
-        del engine.lr_scheduler_step

@@ -99,7 +99,7 @@ def _object_array(values) -> np.ndarray:
     return out
 
 
-class ViToSRayTrainer(RayPPOTrainer):
+class ViToSRayTrainer(verl_0_9.TrainerHooks, RayPPOTrainer):
     """verl's PPO trainer whose step is ViToS's two streams (see module doc).
 
     Config: verl's ``ppo_trainer`` plus the ``vitos`` block (:class:`ViToSConfig`);
@@ -263,7 +263,7 @@ class ViToSRayTrainer(RayPPOTrainer):
         if "response_mask" not in b.batch.keys():
             b.batch["response_mask"] = compute_response_mask(b)
         if self.config.trainer.balance_batch:
-            self._balance_batch(b, metrics=metrics, logging_prefix=f"{stream}/global_seqlen")
+            self.balance_batch(b, metrics, f"{stream}/global_seqlen")
         b.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         b.meta_info["global_token_num"] = torch.sum(b.batch["attention_mask"], dim=-1).tolist()
         b.meta_info["images_seqlens"] = [
@@ -300,7 +300,7 @@ class ViToSRayTrainer(RayPPOTrainer):
 
     def _old_and_ref(self, b: DataProto, metrics: dict, stream: str, timing: dict) -> DataProto:
         with marked_timer(f"old_log_prob/{stream}", timing, color="blue"):
-            old, mfu = self._compute_old_log_prob(b)
+            old, mfu = self.old_log_prob(b)
             metrics[f"{stream}/perf/mfu/actor_infer"] = mfu
             ent = agg_loss(
                 loss_mat=old.batch["entropys"],
@@ -312,7 +312,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             b = b.union(old)
         if self.use_reference_policy:
             with marked_timer(f"ref/{stream}", timing, color="olive"):
-                b = b.union(self._compute_ref_log_prob(b))
+                b = b.union(self.ref_log_prob(b))
         return b
 
     def _update(self, batches: dict[str, DataProto], metrics: dict, timing: dict) -> None:
@@ -335,7 +335,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             # the LR scheduler advances once per ViToS step: on its last update only
             b.meta_info[LR_STEP_KEY] = stage == self.stages[-1]
             with marked_timer(f"update/{name}", timing, color="red"):
-                out = self._update_actor(b)
+                out = self.update_actor(b)
             b.meta_info.pop(MINI_BATCH_KEY)
             b.meta_info.pop(LR_STEP_KEY)
             raw = out.meta_info["metrics"]
@@ -393,7 +393,7 @@ class ViToSRayTrainer(RayPPOTrainer):
             self._update(streams, metrics, timing)
             if save:
                 with marked_timer("save_checkpoint", timing, color="green"):
-                    self._save_checkpoint()
+                    self.save_checkpoint()
             with marked_timer("update_weights", timing, color="red"):
                 self.checkpoint_manager.update_weights(self.global_steps)
         g_tok = metrics["grounding/prompt_tokens/mean"]
@@ -409,17 +409,15 @@ class ViToSRayTrainer(RayPPOTrainer):
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self):
+    def save_checkpoint(self):
         """verl 0.9.1's save, then a completeness marker and an atomic resume tracker.
 
         See :func:`vitos_verl.trainer.checkpoint.save_with_atomic_tracker`: a save interrupted at
         any point leaves the tracker at the previous complete step.
         """
-        import verl.trainer.ppo.ray_trainer as verl_ray_trainer
+        save_with_atomic_tracker(super().save_checkpoint, self.config.trainer.default_local_dir, self.global_steps)
 
-        save_with_atomic_tracker(super()._save_checkpoint, self.config.trainer.default_local_dir, self.global_steps, verl_ray_trainer)
-
-    def _load_checkpoint(self):
+    def load_checkpoint(self):
         """verl 0.9.1's load, after :func:`vitos_verl.trainer.checkpoint.check_resume`.
 
         Raises:
@@ -428,7 +426,7 @@ class ViToSRayTrainer(RayPPOTrainer):
                 restart from step 0).
         """
         check_resume(self.config.trainer)
-        return super()._load_checkpoint()
+        return super().load_checkpoint()
 
     def run_dir(self) -> Path:
         """Where this run's logs go: the parent of ``trainer.default_local_dir`` (the checkpoints)."""
@@ -482,14 +480,14 @@ class ViToSRayTrainer(RayPPOTrainer):
         before it (the dataloader yields fewer batches than its length) saves and validates the
         step it reached unless that step already was (:func:`~vitos_verl.trainer.loop.final_actions`).
         """
-        tracker = self.tracking = self._tracker()  # _validate logs its generations table through it
+        tracker = self.tracking = self._tracker()  # validate logs its generations table through it
         trainer = self.config.trainer
         self.global_steps = 0
-        self._load_checkpoint()
+        self.load_checkpoint()
         self._record_start()
         self.checkpoint_manager.update_weights(self.global_steps)
         if trainer.get("val_before_train", True) and self.val_dataloader is not None:
-            tracker.log(data=self._validate(), step=self.global_steps)
+            tracker.log(data=self.validate(), step=self.global_steps)
             if trainer.get("val_only", False):
                 return
         last = last_step(self.total_training_steps, len(self.train_dataloader), trainer.total_epochs)
@@ -517,7 +515,7 @@ class ViToSRayTrainer(RayPPOTrainer):
                 self.max_steps_duration = max(self.max_steps_duration, metrics.get("timing_s/step", 0.0))
                 saved = self.global_steps if todo.save else saved
                 if todo.validate:
-                    metrics.update(self._validate())
+                    metrics.update(self.validate())
                     validated = self.global_steps
                 metrics.update({"training/global_step": self.global_steps, "training/epoch": epoch})
                 tracker.log(data=metrics, step=self.global_steps)
@@ -530,13 +528,13 @@ class ViToSRayTrainer(RayPPOTrainer):
         todo = final_actions(self.global_steps, saved, validated, trainer.save_freq, trainer.test_freq)
         if todo.save:  # as in train_step: the actor saves while vLLM sleeps, then vLLM gets the weights back
             self.checkpoint_manager.sleep_replicas()
-            self._save_checkpoint()
+            self.save_checkpoint()
             self.checkpoint_manager.update_weights(self.global_steps)
         if todo.validate:
-            tracker.log(data=self._validate(), step=self.global_steps)
+            tracker.log(data=self.validate(), step=self.global_steps)
 
     # ------------------------------------------------------------------ validation
-    def _validate(self, merged: bool = False) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """Two-pass inference on the val split (one box, one answer per question, ``val_kwargs``).
 
         Returns ``val/<data_source>/acc``, ``val/<data_source>/iou`` (rows with boxes),

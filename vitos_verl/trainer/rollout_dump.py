@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from vitos_verl.compat import verl_0_9
 from vitos_verl.data.parquet_rows import open_image
 from vitos_verl.pruning import KeepMask, box_to_original, box_to_resized, geometry_from_grid
 from vitos_verl.pruning.boxes import from_box_format
@@ -247,7 +248,7 @@ def log_generations(
     Returns:
         How many backends failed (each failure is logged; none raises).
     """
-    loggers = dict(getattr(tracker, "logger", None) or {})
+    loggers = verl_0_9.tracking_backends(tracker)
     rows = [s[0] for s in samples]
     overlays: list[Image.Image | None] | None = None
     errors = 0
@@ -261,7 +262,7 @@ def log_generations(
                     table.add_data(*[_cell(row[c]) for c in TABLE_COLUMNS], backend.Image(img) if img is not None else None)
                 backend.log({TABLE_KEY: table}, step=step)
             elif name == "tensorboard":
-                writer = backend.writer
+                writer = verl_0_9.tensorboard_writer(backend)
                 writer.add_text(TABLE_KEY, _markdown(rows), step)
                 for k, (row, img) in enumerate(zip(rows, overlays)):
                     if img is not None:
@@ -270,7 +271,7 @@ def log_generations(
             elif name == "console":
                 print(_console(rows, step), flush=True)
             elif name == "file":
-                path = Path(backend.filepath).with_name("val_generations.jsonl")
+                path = Path(verl_0_9.file_logger_path(backend)).with_name("val_generations.jsonl")
                 with open(path, "a") as f:
                     for row in rows:
                         f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

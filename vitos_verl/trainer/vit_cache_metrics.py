@@ -41,6 +41,8 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from vitos_verl.compat import verl_0_9
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "rollout/vit_cache/"
@@ -120,25 +122,6 @@ def _server_vit_stats(server: Any, timeout: float = RPC_TIMEOUT_S) -> list[dict]
 
 
 # ---------------------------------------------------------------------------- driver side
-def rollout_servers(trainer: Any) -> list[Any]:
-    """Ray handles of the rollout replicas' servers (verl 0.9.1; module doc).
-
-    Raises:
-        RuntimeError: the trainer has no rollout replicas.
-    """
-    manager = getattr(trainer, "llm_server_manager", None)
-    replicas = manager.get_replicas() if manager is not None else getattr(getattr(trainer, "checkpoint_manager", None), "replicas", None)
-    if not replicas:
-        raise RuntimeError("no rollout replicas (trainer.llm_server_manager / checkpoint_manager.replicas)")
-    servers = []
-    for replica in replicas:
-        handles = list(getattr(replica, "servers", None) or [])
-        if not handles and getattr(replica, "_server_handle", None) is not None:
-            handles = [replica._server_handle]
-        servers.append(handles)
-    return servers
-
-
 def query_replicas(trainer: Any, timeout: float = RPC_TIMEOUT_S) -> dict[str, int]:
     """Cumulative counters of all replicas now (:func:`total_counters`).
 
@@ -147,7 +130,7 @@ def query_replicas(trainer: Any, timeout: float = RPC_TIMEOUT_S) -> dict[str, in
     """
     import ray
 
-    per_replica = rollout_servers(trainer)
+    per_replica = verl_0_9.rollout_server_handles(trainer)
     refs = [[h.__ray_call__.remote(_server_vit_stats, timeout) for h in handles] for handles in per_replica]
     flat = ray.get([r for rs in refs for r in rs], timeout=timeout + 15.0)
     it = iter(flat)
