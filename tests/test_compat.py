@@ -372,3 +372,38 @@ def test_hook_mixins_override_only_pinned_methods_and_shadow_nothing(mixin, base
     for n in public:  # neither a class attribute nor an instance attribute verl sets
         assert not hasattr(cls, n), f"{mixin}.{n} shadows verl's {cls_name}.{n}"
         assert not re.search(rf"self\.{n}\s*=", sources), f"{mixin}.{n} shadows an attribute verl's {cls_name} sets"
+
+
+def test_transformers_forward_the_actor_wraps_is_the_pinned_one():
+    """T1: ``Qwen2_5_VLModel.forward`` as transformers 5.10.4's source defines it (read from the
+    class's source file, so verl's or our runtime replacement does not hide an upgrade)."""
+    import ast
+    import textwrap
+
+    import transformers
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    from vitos_verl.compat import transformers_5
+
+    assert transformers.__version__ == transformers_5.TRANSFORMERS_VERSION
+    src = textwrap.dedent(inspect.getsource(m.Qwen2_5_VLModel))
+    fn = next(n for n in ast.parse(src).body[0].body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    digest = hashlib.sha256(ast.get_source_segment(src, fn).encode()).hexdigest()
+    assert digest == "d764dce9b80680b76b5a868edf2b95ba4b7c7bd33504554ed7c6bfbb291c804c", (
+        "Qwen2_5_VLModel.forward changed: review vitos_verl.compat.transformers_5 and rollout/actor_patch.py (row T1)"
+    )
+    assert {"pixel_values", "image_grid_thw", "position_ids", "mm_token_type_ids"} <= {a.arg for a in fn.args.args}
+
+
+def test_torch_symbols_the_cpu_platform_replaces_are_the_pinned_ones():
+    """P1 to P3: the torch 2.11.0 functions the CPU platform replaces or calls."""
+    import torch
+    import torch.distributed as dist
+
+    from vitos_verl.compat import torch_2_11
+
+    assert torch.__version__.split("+")[0] == torch_2_11.TORCH_VERSION
+    assert callable(torch.Tensor.pin_memory)  # P1
+    params = list(inspect.signature(inspect.unwrap(dist.init_process_group)).parameters)  # P2
+    assert params[0] == "backend", f"init_process_group({params}): review vitos_verl.compat.torch_2_11 (row P2)"
+    assert torch_2_11.cpu_reports_native_bf16() is not None, "torch.cpu's bf16 helpers are gone (row P3)"

@@ -23,6 +23,13 @@ _C = "vllm.multimodal.cache"
 # (module, qualified name) -> (row of docs/upstream.md, parameter names, sha256 of
 # inspect.getsource or None where only the interface matters) in vLLM 0.24.0
 PINNED: dict[tuple[str, str], tuple[str, tuple[str, ...], str | None]] = {
+    # L10: the engine's loop is its output handler's (started by _run_output_handler); the RPC's time limit
+    ("vllm.v1.engine.async_llm", "AsyncLLM._run_output_handler"): (
+        "L10",
+        ("self",),
+        "147195bf962def3e32032f15a9e1c33b0b94a985351ce5635e83ef3f7b1f4149",
+    ),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc"): ("L10", ("self", "method", "timeout", "args", "kwargs"), None),
     # L1: the re-implemented method and the private calls the re-implementation makes
     (_P, "BaseMultiModalProcessor._cached_apply_hf_processor"): (
         "L1",

@@ -22,9 +22,11 @@ PACKAGE = ROOT / "vitos_verl"
 #: The layers, bottom first. A part may import its own modules and any part of a lower layer;
 #: parts that share a layer do not import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
+    # the upstream hooks, one module per pinned upstream (verl, vLLM, transformers, torch)
+    ("compat",),
     # foundations: names shared across the layers, atomic file writes, platform plugins,
-    # verl/transformers patches, checkpoint export; none of them imports another part
-    ("vitos_verl", "records", "atomic", "platform", "compat", "export"),
+    # checkpoint export; none of them imports another part
+    ("vitos_verl", "records", "atomic", "platform", "export"),
     # the cell geometry, keep masks, box parsing and the box-to-mask plan (no verl, vLLM, Ray)
     ("pruning",),
     # the rewards of both streams (score the plan's boxes)

@@ -307,6 +307,20 @@ def mm_processor_of(llm):
     return llm.llm_engine.renderer.get_mm_processor()
 
 
+# ----------------------------------------------------------------- L10: the engine's event loop
+def engine_event_loop(engine):
+    """The asyncio loop a vLLM 0.24.0 ``AsyncLLM`` runs on: that of its ``output_handler`` task
+    (``vllm/v1/engine/async_llm.py:170``), where ``collective_rpc`` must be awaited.
+
+    Raises:
+        RuntimeError: the engine has no ``output_handler`` task (not started, or renamed).
+    """
+    handler = getattr(engine, "output_handler", None)
+    if handler is None:
+        raise RuntimeError("the vLLM engine has no output_handler task: its event loop is unknown")
+    return handler.get_loop()
+
+
 # ----------------------------------------------------------------- L9: CPU Linear weights
 def install_plain_cpu_linear() -> None:
     """Make vLLM-CPU run Linear layers with ``F.linear`` on their own ``weight`` (idempotent):

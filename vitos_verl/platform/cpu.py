@@ -21,7 +21,6 @@ also registers the OmegaConf resolvers the recipes use: ``${vitos_cpu_dtype:}``
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from types import ModuleType
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
+from vitos_verl.compat import torch_2_11
 from vitos_verl.platform.attention import register_resolver as register_attention_resolver
 from vitos_verl.platform.precision import register_resolver
 
@@ -217,30 +217,8 @@ def install() -> None:
     always uses ``CPUOffloadPolicy(pin_memory=True)``, which raises "Found no NVIDIA driver"
     on a machine without one.
     """
-    import torch.distributed as dist
-
-    if not torch.cuda.is_available() and not getattr(torch.Tensor.pin_memory, "_vitos_noop", False):
-
-        def pin_memory(self, *args, **kwargs):
-            return self
-
-        pin_memory._vitos_noop = True
-        torch.Tensor.pin_memory = pin_memory
-
-    if getattr(dist.init_process_group, "_vitos_dedupe", False):
-        return
-    orig = dist.init_process_group
-
-    @functools.wraps(orig)
-    def init_process_group(*args, **kwargs):
-        if "backend" in kwargs:
-            kwargs["backend"] = dedupe_backend(kwargs["backend"])
-        elif args:
-            args = (dedupe_backend(args[0]), *args[1:])
-        return orig(*args, **kwargs)
-
-    init_process_group._vitos_dedupe = True
-    dist.init_process_group = init_process_group
+    torch_2_11.install_pin_memory_noop()
+    torch_2_11.wrap_init_process_group(dedupe_backend)
 
 
 # The CPU recipes' ``${vitos_cpu_dtype:}`` and the GPU recipes' ``${vitos_attn:...}``

@@ -46,17 +46,14 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512-BF16 or AMX-BF16).
 
     Asks PyTorch first (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``,
-    private in the pinned torch 2.11.0, docs/upstream.md row P3; the checks vLLM 0.24.0's
+    private in the pinned torch 2.11.0: :func:`vitos_verl.compat.torch_2_11.cpu_reports_native_bf16`, docs/upstream.md row P3; the checks vLLM 0.24.0's
     ``CpuPlatform.import_kernels`` uses to pick its kernel build), then the kernel's
     ``/proc/cpuinfo`` flags (also when those helpers are gone).
     """
-    try:
-        import torch
+    from vitos_verl.compat import torch_2_11
 
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return True
-    except (ImportError, AttributeError):
-        pass
+    if torch_2_11.cpu_reports_native_bf16():
+        return True
     return bool(_cpuinfo_flags() & set(BF16_FLAGS))
 
 

@@ -164,7 +164,7 @@ def guard_reward_fn(fn: Callable[..., Any], reward_timeout_s: float) -> Callable
     Used for the grounding stream on the driver
     (:func:`vitos_verl.trainer.dual_stream.configured_reward_fn`); the reasoning stream gets the
     same normalisation and limit in the agent-loop worker
-    (:meth:`vitos_verl.rollout.agent_loop.ViToSAgentLoopWorker._compute_score`).
+    (:meth:`vitos_verl.rollout.agent_loop.ViToSAgentLoopWorker.score_sample`).
 
     Raises:
         ValueError: ``reward_timeout_s`` is not positive.

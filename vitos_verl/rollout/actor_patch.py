@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import functools
 
+from vitos_verl.compat import transformers_5
 from vitos_verl.pruning import KEEP_FIELD
 from vitos_verl.rollout.pruned_inputs import pruned_inputs_embeds
 
 
 def _wrap(orig):
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModelOutputWithPast
-
     @functools.wraps(orig)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, image_grid_thw=None, **kwargs):
         keep = kwargs.pop(KEEP_FIELD, None)
@@ -56,7 +55,7 @@ def _wrap(orig):
         if isinstance(out, tuple):
             return out
         # the stock outer forward reads `rope_deltas` (verl's reads `[0]`): the stock output type
-        return Qwen2_5_VLModelOutputWithPast(
+        return transformers_5.model_output(
             last_hidden_state=out.last_hidden_state,
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
@@ -64,7 +63,6 @@ def _wrap(orig):
             rope_deltas=None,
         )
 
-    forward._vitos_pruning = True
     return forward
 
 
@@ -74,7 +72,4 @@ def apply_actor_patch() -> None:
     Call it in every actor/reference worker after verl's ``apply_monkey_patch`` (which
     replaces the same method): the ViToS worker does so after building its model.
     """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    if not getattr(Qwen2_5_VLModel.forward, "_vitos_pruning", False):
-        Qwen2_5_VLModel.forward = _wrap(Qwen2_5_VLModel.forward)
+    transformers_5.wrap_qwen2_5_vl_model_forward(_wrap)

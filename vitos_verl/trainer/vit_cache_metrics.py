@@ -41,7 +41,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from vitos_verl.compat import verl_0_9
+from vitos_verl.compat import verl_0_9, vllm_0_24
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ def _server_vit_stats(server: Any, timeout: float = RPC_TIMEOUT_S) -> list[dict]
     engine = getattr(server, "engine", None)
     if engine is None:
         return None
-    handler = getattr(engine, "output_handler", None)
-    if handler is None:
-        raise RuntimeError("the vLLM engine has no output_handler task: its event loop is unknown")
-    loop = handler.get_loop()
+    loop = vllm_0_24.engine_event_loop(engine)
     coro = engine.collective_rpc(RPC_STATS, timeout=timeout)
     try:
         asyncio.get_running_loop()
