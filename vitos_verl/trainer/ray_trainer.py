@@ -229,8 +229,10 @@ class ViToSRayTrainer(verl_0_9.TrainerHooks, RayPPOTrainer):
         return self.tokenizer.batch_decode([ids[m] for ids, m in zip(resp, mask)], skip_special_tokens=True)
 
     # ------------------------------------------------------------------ rewards
-    def _score_streams(self, g: DataProto, r: DataProto, plan) -> dict[str, dict[str, np.ndarray]]:
-        """Token-level scores of both streams (``token_level_scores`` / ``token_level_rewards``)."""
+    def _rewards_with_cross_feedback(self, g: DataProto, r: DataProto, plan) -> dict[str, dict[str, np.ndarray]]:
+        """Token-level scores of both streams (``token_level_scores`` / ``token_level_rewards``): the
+        reasoning stream's from the reward loop, the grounding stream's with its answers' accuracy
+        credited to each box (cross-feedback, :func:`vitos_verl.trainer.dual_stream.grounding_rewards`)."""
         r_scores = {k: np.asarray(r.non_tensor_batch[k], dtype=np.float64) for k in SCORE_KEYS}
         r.batch["token_level_scores"] = r.batch.pop("rm_scores").float()
         nt = g.non_tensor_batch
@@ -271,7 +273,7 @@ class ViToSRayTrainer(verl_0_9.TrainerHooks, RayPPOTrainer):
         ]
         return b
 
-    def _log_probs(self, b: DataProto, metrics: dict, stream: str, timing: dict, update: bool = True) -> DataProto:
+    def _log_probs_and_advantages(self, b: DataProto, metrics: dict, stream: str, timing: dict, update: bool = True) -> DataProto:
         """Old log-probs, reference log-probs and GRPO advantages of one stream's batch.
 
         Args:
@@ -366,7 +368,7 @@ class ViToSRayTrainer(verl_0_9.TrainerHooks, RayPPOTrainer):
             metrics.update(vit_cache_step_metrics(self))  # rollout/vit_cache/*, before the replicas sleep
             self.checkpoint_manager.sleep_replicas()
             with marked_timer("reward", timing, color="yellow"):
-                self._score_streams(g, r, plan)
+                self._rewards_with_cross_feedback(g, r, plan)
             streams = {"grounding": g, "reasoning": r}
             updated = {s for stage in self.stages for s in stage}  # vitos.update_streams
             for name, b in streams.items():
@@ -384,7 +386,7 @@ class ViToSRayTrainer(verl_0_9.TrainerHooks, RayPPOTrainer):
                     )
                 )
                 metrics.update(fault_metrics(name, b.non_tensor_batch, len(b)))
-                streams[name] = self._log_probs(b, metrics, name, timing, update=name in updated)
+                streams[name] = self._log_probs_and_advantages(b, metrics, name, timing, update=name in updated)
                 metrics[f"{name}/updated"] = float(name in updated)
                 metrics.update({f"{name}/{k}": v for k, v in compute_data_metrics(streams[name], use_critic=False).items()})
             if self.dumps.rollout_dir:
