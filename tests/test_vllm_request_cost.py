@@ -229,7 +229,8 @@ def test_repeated_mask_is_served_by_vllms_cache(llm, cases):
 def test_pixelless_request_after_load_weights_is_fresh(llm, hf_model, cases):
     """``load_weights`` alone (no cache reset): a pixel-less pruned request on a seen image recomputes
     the features from the kept pixels with the new weights; after verl's resets the carriers and kept
-    pixels are gone and the next pruned request carries pixels again."""
+    pixels are gone and the next pruned request carries pixels again (its features come from the ViT
+    cache, whose vision weights are unchanged since)."""
     case = _fresh(cases[0], salt=5)
     m1, m2, m3 = _masks(case, 3)
     _sample(llm, [_request(case, None)], max_tokens=1)
@@ -245,11 +246,14 @@ def test_pixelless_request_after_load_weights_is_fresh(llm, hf_model, cases):
 
     _reset_all(llm)  # verl's post-sync clear_kv_cache
     assert len(_processor(llm)._carriers) == 0
-    assert llm.apply_model(lambda m: (len(m._vit_pixels), m._vit_pixels.nbytes, len(m._vit_cache)))[0] == (0, 0, 0)
-    f0 = _front(llm)
+    assert llm.apply_model(lambda m: (len(m._vit_pixels), m._vit_pixels.nbytes))[0] == (0, 0)
+    # the ViT cache outlives the resets: its features are of the vision weights now loaded
+    assert llm.apply_model(lambda m: len(m._vit_cache))[0] > 0
+    f0, s0 = _front(llm), _model_stats(llm)
     (ids, tok, lp), = _sample(llm, [_request(case, m3)], seed=33)
-    front = _delta(_front(llm), f0)
+    front, model = _delta(_front(llm), f0), _delta(_model_stats(llm), s0)
     assert front["with_pixels"] == 1 and front["pixelless"] == 0
+    assert model["misses"] == 0 and model["hits"] == 1  # served from the ViT cache, checked fresh
     assert float((lp - _actor_logprobs(hf_model, case["enc"], m3, tok)).abs().max()) <= FRESH_ATOL
 
 

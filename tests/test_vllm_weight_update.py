@@ -102,13 +102,69 @@ def test_load_weights_alone_invalidates(llm, hf_model, cases):
     _check_fresh(llm, hf_model, case, other, seed=2)
 
 
-def test_encoder_cache_reset_clears_vit_cache(llm, cases):
-    """vLLM's ``reset_encoder_cache`` (verl calls it after every sync and hybrid sleep) empties it too."""
+def _other_mask(case, row: int = -1):
+    """The case's mask with one more row of cells kept: another box, so another ``vitos_keep``,
+    prompt and multimodal hash (vLLM's own prefix and encoder caches cannot serve it)."""
+    other = case["mask"].clone()
+    rows = [r for r in range(other.shape[0]) if not bool(other[r].all())]
+    other[rows[row], :] = True
+    assert not torch.equal(other, case["mask"])
+    return other
+
+
+def test_encoder_cache_reset_keeps_features_of_unchanged_vision_weights(llm, hf_model, cases):
+    """vLLM's ``reset_encoder_cache`` (verl calls it after every sync and hybrid sleep) with the
+    vision weights unchanged: the image is not encoded again, and the request is still exact."""
     case = cases[1]
     _sample(llm, case, case["mask"], seed=3)
+    hits0, miss0 = _vit_counts(llm)
+    kept, clears = llm.apply_model(lambda m: (m.vit_cache_kept, m.vit_cache_clears))[0]
+    _clear_caches_like_verl(llm)
+    _check_fresh(llm, hf_model, case, _other_mask(case), seed=3)
+    assert _vit_counts(llm) == (hits0 + 1, miss0), "the ViT ran again on unchanged weights"
+    assert llm.apply_model(lambda m: (m.vit_cache_kept, m.vit_cache_clears))[0] == (kept + 1, clears)
+
+
+def test_vision_change_that_bypasses_load_weights_is_caught_after_a_reset(llm, hf_model, cases):
+    """A vision weight written in place (as ``reload_weights``' kernel-format branch does), then
+    ``reset_encoder_cache``: the next request re-encodes the image with the new weights."""
+    case = cases[1]
+    _sample(llm, case, case["mask"], seed=6)
+    _, miss0 = _vit_counts(llm)
     clears = llm.apply_model(lambda m: m.vit_cache_clears)[0]
-    llm.llm_engine.reset_encoder_cache()
-    assert llm.apply_model(lambda m: (len(m._vit_cache), m.vit_cache_clears))[0] == (0, clears + 1)
+    param = dict(hf_model.named_parameters())[WEIGHT]
+    delta = torch.randn(param.shape, generator=torch.Generator().manual_seed(7)) * param.detach().std()
+
+    def write(m):
+        with torch.no_grad():
+            dict(m.named_parameters())["visual.merger.mlp.2.weight"].add_(delta)
+
+    llm.apply_model(write)
+    with torch.no_grad():
+        param.add_(delta)
+    _clear_caches_like_verl(llm)
+    _check_fresh(llm, hf_model, case, _other_mask(case), seed=6)
+    assert _vit_counts(llm)[1] == miss0 + 1 and llm.apply_model(lambda m: m.vit_cache_clears)[0] == clears + 1
+
+
+def test_frozen_tower_sync_encodes_each_image_once(llm, hf_model, cases):
+    """verl's sync with a frozen vision tower: every vision weight re-sent unchanged and a language
+    weight changed, then the caches reset. The images are not encoded again; the answers follow
+    the new language weights."""
+    for case in cases:
+        _sample(llm, case, case["mask"], seed=8)
+    _, miss0 = _vit_counts(llm)
+    visual = [(n, p.detach().clone()) for n, p in hf_model.named_parameters() if "visual" in n]
+    name, param = next((n, p) for n, p in hf_model.named_parameters() if n.endswith("layers.0.mlp.down_proj.weight"))
+    new = param.detach() + torch.randn(param.shape, generator=torch.Generator().manual_seed(9)) * param.detach().std()
+    llm.apply_model(lambda m: m.load_weights(visual))
+    llm.apply_model(lambda m: m.load_weights([(name, new.clone())]))
+    with torch.no_grad():
+        param.copy_(new)
+    _clear_caches_like_verl(llm)
+    for k, case in enumerate(cases):
+        _check_fresh(llm, hf_model, case, _other_mask(case), seed=10 + k)
+    assert _vit_counts(llm)[1] == miss0, "a frozen tower's images were encoded again"
 
 
 def test_vit_cache_is_a_bounded_lru(llm, cases):

@@ -18,10 +18,17 @@ No ``vitos_keep`` means no pruning: the stock model, with vLLM's own item hash.
 What a pruned request costs on the way in (hashes, pixel-less items, carriers) is the front
 end's: :mod:`vitos_verl.rollout.vllm_processor`.
 
-Freshness: the ViT cache never outlives the weights it was computed with. Every
-``load_weights`` call empties it (verl's weight sync streams the policy in through it in
-chunks), and so does every ``reset_encoder_cache`` of the model runner (vLLM's
-``reload_weights``; verl's post-sync ``clear_kv_cache``, hybrid sleep and request aborts).
+Freshness: the ViT cache never outlives the vision weights it was computed with, and outlives
+everything else. The cache remembers a fingerprint of the vision tower's weights
+(:func:`vision_fingerprint`); a ``load_weights`` call that names a vision weight (verl's weight
+sync streams the policy in through it in chunks) compares the tower's weights with it at once, and
+any other ``load_weights`` call or ``reset_encoder_cache`` of the model runner (vLLM's
+``reload_weights``, whose kernel-format branch bypasses ``load_weights``; verl's post-sync
+``clear_kv_cache``, hybrid sleep and request aborts) has them compared before the cache's next use.
+Changed weights empty the cache (``vit_cache_clears``); unchanged ones keep it
+(``vit_cache_kept``): with a frozen vision tower each image's features are computed once per run.
+The features stay on the device while the rollout sleeps (at most ``VITOS_VIT_CACHE_MB``). With
+LoRA every ``reset_encoder_cache`` empties the cache (adapter weights are not in the check).
 ``reset_mm_cache`` (verl's post-sync ``clear_kv_cache`` too) empties vLLM's processor caches,
 this front end's carrier map and the model's kept pixels together.
 
@@ -62,9 +69,9 @@ def _patch_runner_resets() -> None:
     ``reload_weights`` (whose kernel-format branch copies weights without ``load_weights``) and
     from ``EngineCore.reset_encoder_cache``, which verl 0.9.1 calls after every weight sync
     (``vLLMHttpServer.clear_kv_cache`` in ``vllm_async_server.py``), after a hybrid sleep and when
-    it aborts requests: wrapped, it also empties the ViT cache (``clear_vit_cache``), which covers
-    weight changes that bypass ``load_weights`` (a LoRA adapter on the tower) and frees the
-    features while the rollout sleeps. ``GPUModelRunner.reset_mm_cache`` (reached from
+    it aborts requests: wrapped, it also marks the ViT cache for a check of the vision weights
+    before its next use (``on_encoder_cache_reset``; with LoRA it empties the cache at once), which
+    covers weight changes that bypass ``load_weights``. ``GPUModelRunner.reset_mm_cache`` (reached from
     ``EngineCore.reset_mm_cache``, i.e. ``LLM.reset_mm_cache`` / verl's ``clear_kv_cache``, when
     vLLM's processor caches are emptied) also drops the kept pixels (``clear_vit_pixels``): the
     front end forgets its carriers at the same moment. Patches the runner classes already
@@ -74,7 +81,7 @@ def _patch_runner_resets() -> None:
     The patching is :func:`vitos_verl.compat.vllm_0_24.install_runner_resets`.
     """
     vllm_0_24.install_runner_resets(
-        {"reset_encoder_cache": "clear_vit_cache", "reset_mm_cache": "clear_vit_pixels"},
+        {"reset_encoder_cache": "on_encoder_cache_reset", "reset_mm_cache": "clear_vit_pixels"},
         {RPC_STATS: worker_vit_cache_stats},  # collective_rpc by name: no pickled callable
     )
 
@@ -97,6 +104,7 @@ def vit_cache_stats(model) -> dict[str, float]:
         "recomputes": int(getattr(model, "vit_cache_recomputes", 0)),
         "pixelless": int(getattr(model, "vit_pixelless_items", 0)),
         "clears": int(getattr(model, "vit_cache_clears", 0)),
+        "kept": int(getattr(model, "vit_cache_kept", 0)),
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
     }
 
@@ -117,6 +125,19 @@ def _default_pixel_bytes(vllm_config) -> int:
     return vllm_0_24.sender_cache_bytes(vllm_config)
 
 
+def vision_fingerprint(visual: torch.nn.Module) -> torch.Tensor:
+    """A float64 ``(2 * n_params,)`` CPU tensor that changes when any vision-tower weight does: per
+    parameter (sorted by name), the sum of its values and their sum weighted by ``(i mod 251) + 1``
+    (``i``: the flat index), both in float64 on the parameter's device. Two weight sets with equal
+    fingerprints differ only by a change that leaves both sums of every parameter unchanged."""
+    out = []
+    for _, p in sorted(visual.named_parameters(), key=lambda kv: kv[0]):
+        v = p.detach().reshape(-1).double()
+        w = torch.arange(v.numel(), device=v.device).remainder_(251).add_(1).double()
+        out += [v.sum(), (v * w).sum()]
+    return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     ViToSMultiModalProcessor, info=ViToSProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
@@ -126,7 +147,8 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
     ViT cache knobs, per instance: ``vit_cache_max_items`` / ``vit_cache_max_bytes`` (its LRU
     bounds, from ``VITOS_VIT_CACHE_ITEMS`` / ``VITOS_VIT_CACHE_MB``), ``vit_pixels_max_bytes``
     (the kept pixels' LRU bound); counters ``vit_cache_hits``, ``vit_cache_misses`` (images
-    encoded), ``vit_cache_recomputes``, ``vit_pixelless_items``, ``vit_cache_clears``
+    encoded), ``vit_cache_recomputes``, ``vit_pixelless_items``, ``vit_cache_clears``,
+    ``vit_cache_kept`` (checks after a weight sync or reset that found the vision weights unchanged)
     (:func:`vit_cache_stats`).
     """
 
@@ -148,6 +170,10 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         self.vit_cache_recomputes = 0
         self.vit_pixelless_items = 0
         self.vit_cache_clears = 0
+        self.vit_cache_kept = 0
+        self._vit_fingerprint: torch.Tensor | None = None  # of the weights the cached features came from
+        self._vit_verify = False  # check the vision weights before the cache's next use
+        self._lora = getattr(vllm_config, "lora_config", None) is not None
         _patch_runner_resets()
 
     # -- the caches' bounds (attributes an engine's owner may set) ---------------------------
@@ -187,19 +213,61 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         self._vit_pixels.clear()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """vLLM 0.24.0's Qwen2.5-VL ``load_weights``, then empty the ViT cache.
+        """vLLM 0.24.0's Qwen2.5-VL ``load_weights``, then the ViT cache's freshness check.
 
         ``weights``: ``(name, tensor)`` pairs in checkpoint naming (``model.visual.*``,
         ``visual.*``, ``model.language_model.*``, ...; any subset, any shape/dtype the parameter's
-        loader accepts). Any call invalidates the cache, a partial or failing one too: verl
-        0.9.1's weight sync (``vLLMColocateWorkerExtension._update_weights``) calls it once per
-        received bucket. Returns the loaded vLLM parameter names (``set[str]``), like the parent;
-        raises what the parent raises (unknown name, shape mismatch).
+        loader accepts). verl 0.9.1's weight sync (``vLLMColocateWorkerExtension._update_weights``)
+        calls it once per received bucket. A call that names a vision weight checks the vision
+        tower's weights at once (:meth:`check_vision_weights`: the cache is emptied if any changed,
+        kept if none did, e.g. a frozen tower re-sent); any other call marks the cache for that
+        check before its next use; a failing call empties it. Returns the loaded vLLM parameter
+        names (``set[str]``), like the parent; raises what the parent raises (unknown name, shape
+        mismatch).
         """
+        touched = []
+
+        def watched():
+            for name, tensor in weights:
+                if "visual" in name:
+                    touched.append(name)
+                yield name, tensor
+
         try:
-            return super().load_weights(weights)
-        finally:
+            loaded = super().load_weights(watched())
+        except BaseException:
             self.clear_vit_cache()
+            raise
+        if touched:
+            self.check_vision_weights()
+        else:
+            self._vit_verify = True
+        return loaded
+
+    def on_encoder_cache_reset(self) -> None:
+        """vLLM reset its encoder cache (after a weight sync, a sleep, an abort): the vision weights
+        are checked before the ViT cache's next use; with LoRA (adapters outside the weights the
+        check reads) the cache is emptied now."""
+        if self._lora:
+            self.clear_vit_cache()
+        else:
+            self._vit_verify = True
+
+    def check_vision_weights(self) -> bool:
+        """Compare the vision tower's weights with those the cached features came from
+        (:func:`vision_fingerprint`); empty the ViT cache if they differ. Returns whether the cache
+        was kept (counted in ``vit_cache_kept``; an empty cache counts as neither). Call only
+        while the weights are on the device (not during a sleep)."""
+        self._vit_verify = False
+        fp = vision_fingerprint(self.visual)
+        same = self._vit_fingerprint is not None and torch.equal(fp, self._vit_fingerprint)
+        self._vit_fingerprint = fp
+        if not same:
+            if len(self._vit_cache):
+                self.clear_vit_cache()
+            return False
+        self.vit_cache_kept += bool(len(self._vit_cache))
+        return True
 
     # -- vision: one ViT pass per image, whatever the mask ---------------------------------
     def _keep_pixels(self, key: bytes, pix: torch.Tensor) -> None:
@@ -223,6 +291,8 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         Raises:
             RuntimeError: a pixel-less item whose image has neither cached features nor kept pixels.
         """
+        if self._vit_verify or self._vit_fingerprint is None:
+            self.check_vision_weights()
         kb = [bytes(k.to("cpu").tolist()) for k in keys]
         pix = pixel_values.split(grid.prod(-1).tolist()) if pixel_values is not None else None
         if pix is None:
