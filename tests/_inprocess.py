@@ -112,7 +112,7 @@ def harness(out_dir: str, data_dir: str, model_dir: str, overrides: list[str]):
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    h = SimpleNamespace(cfg=cfg, dataset=dataset, tokenizer=tokenizer, loop=loop, uids={}, counts={}, policy=None)
+    h = SimpleNamespace(cfg=cfg, dataset=dataset, tokenizer=tokenizer, loop=loop, uids={}, counts={}, policy=None, actor=actor)
 
     class Server:
         """vLLM's place: ``h.policy(question, quadrant_or_None, k)`` gives the k-th output of a
@@ -305,6 +305,29 @@ def learn(h, out: dict, steps: int) -> None:
         print(json.dumps(record), flush=True)
 
 
+def freeze(h, out: dict) -> None:
+    """Mode ``freeze``: one dual-stream step with varied boxes and answers; how far each actor
+    parameter moved (vision tower and the rest) and whether any vision parameter still needs a gradient."""
+    from verl.utils.dataset.rl_dataset import collate_fn
+
+    colours = ["red", "green", "blue", "yellow"]
+    h.policy = lambda q, quadrant, k: _box(k % 4) if quadrant is None else _answer(colours[(k + q) % 4])
+    module = h.actor.actor.engine.module
+
+    def full(p):
+        return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone()
+
+    before = {n: full(p) for n, p in module.named_parameters()}
+    n_q = int(h.cfg.data.train_batch_size)
+    h.trainer.train_step(collate_fn([h.dataset[i] for i in range(n_q)]))
+    moved = {n: float((full(p) - before[n]).abs().max()) for n, p in module.named_parameters()}
+    visual = [n for n in moved if "visual" in n.split(".")]
+    out["visual_max_change"] = max(moved[n] for n in visual)
+    out["other_max_change"] = max(v for n, v in moved.items() if n not in visual)
+    out["visual_params"] = len(visual)
+    out["visual_requires_grad"] = any(p.requires_grad for n, p in module.named_parameters() if n in visual)
+
+
 def logits(h, out: dict) -> None:
     """Mode ``logits``: one step's two streams (a scripted policy with answers of several lengths)
     through the actor's forward with the response-only LM head of ``vitos_verl.compat.verl_0_9``
@@ -352,11 +375,12 @@ def main(mode: str, out_path: str, data_dir: str, model_dir: str, *overrides: st
     steps = 0
     if mode == "learn":
         steps = int(os.environ.get("LEARN_STEPS", "8"))
-    elif mode not in ("direction", "logits"):
-        raise SystemExit(f"unknown mode {mode!r}: direction | learn | logits")
+    elif mode not in ("direction", "logits", "freeze"):
+        raise SystemExit(f"unknown mode {mode!r}: direction | learn | logits | freeze")
     h = harness(os.path.dirname(out_path), data_dir, model_dir, list(overrides))
     out: dict = {"mode": mode}
-    {"direction": lambda: direction(h, out), "learn": lambda: learn(h, out, steps), "logits": lambda: logits(h, out)}[mode]()
+    {"direction": lambda: direction(h, out), "learn": lambda: learn(h, out, steps), "logits": lambda: logits(h, out),
+     "freeze": lambda: freeze(h, out)}[mode]()  # fmt: skip
     h.loop.close()
     with open(out_path, "w") as f:
         json.dump(out, f, indent=1)

@@ -28,6 +28,27 @@ from vitos_verl.trainer.checks import check_config
 from vitos_verl.trainer.optim_steps import override_mini_batch, pop_lr_step
 
 
+def freeze_vision_tower(module) -> int:
+    """Stop gradients into every parameter of ``module``'s vision tower (names with a ``visual``
+    part: ``model.visual.*`` / ``visual.*``, the patch merger included); returns how many tensors.
+
+    The optimiser built before keeps them but skips them (no gradient, so AdamW neither steps nor
+    decays them), autograd records no ViT graph (its inputs need no gradient either), and the
+    weight sync re-sends them unchanged, which the vLLM plugin's fingerprint check recognises: each
+    image's ViT features are then computed once per run on the rollout side
+    (:meth:`vitos_verl.rollout.vllm_model.ViToSQwen2_5_VLForConditionalGeneration.check_vision_weights`).
+
+    Raises:
+        ValueError: the module has no vision-tower parameter (not a Qwen2.5-VL policy).
+    """
+    frozen = [p for name, p in module.named_parameters() if "visual" in name.split(".")]
+    if not frozen:
+        raise ValueError("freeze_vision_tower: the actor module has no parameter under a 'visual' submodule")
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
+
+
 class ViToSActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's actor/rollout/ref worker whose Qwen2.5-VL forward accepts pruned visual tokens.
 
@@ -38,9 +59,15 @@ class ViToSActorRolloutRefWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
+        """verl's model set-up, then the pruned forward and, with
+        ``actor_rollout_ref.actor.freeze_vision_tower`` (verl 0.9.1's config key, which its FSDP
+        engine does not act on), the actor's vision tower frozen (:func:`freeze_vision_tower`)."""
         super().init_model()
         apply_actor_patch()
         verl_0_9.install_worker()
+        if getattr(self, "_is_actor", False) and bool(self.config.actor.get("freeze_vision_tower", False)):
+            n = freeze_vision_tower(self.actor.engine.module)
+            print(f"vitos_verl: actor vision tower frozen ({n} parameter tensors)")
 
     # verl 0.9.1 ActorRolloutRefWorker.update_actor's dispatch (the actor mesh's data-parallel ranks)
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
