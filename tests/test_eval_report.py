@@ -234,3 +234,31 @@ def test_cli_caps_cards(eval_root, tmp_path, capsys):
     assert len(re.findall(r'<div class="card ', page)) == 3 and "12 left out" in page
     assert "published medevalkit scores of Lingshu-7B" in (out / "report.md").read_text()
     assert "report.md:" in capsys.readouterr().out
+
+
+def test_each_pass_components_hand_computed():
+    """The speed table's components: per pass output tokens, seconds per question, batch and the
+    answering pass's throughput, from records as the runner writes them."""
+    from vitos_verl.eval.report_markdown import passes_table
+    from vitos_verl.eval.report_summary import summarize
+
+    def rec(method, i, g_out, a_out, g_t, a_t):
+        r = _record("M", "slake", method, i, True, True, g_t + a_t)
+        r.update(grounding_output_tokens=g_out, answer_output_tokens=a_out, output_tokens=g_out + a_out,
+                 grounding_time_s=g_t, answer_time_s=a_t, answer_batch=2, grounding_batch=2 if g_out else 0)
+        return r
+
+    records = [rec("full", 0, 0, 30, 0.0, 0.5), rec("full", 1, 0, 10, 0.0, 0.5),
+               rec("vitos", 0, 12, 8, 0.2, 0.1), rec("vitos", 1, 14, 8, 0.2, 0.3)]  # fmt: skip
+    s = summarize(records)
+    full, vitos = _row(s, "full")["average"], _row(s, "vitos")["average"]
+    assert full["answer_output_tokens"] == 20 and full["answer_time_s"] == 0.5
+    assert full["answer_questions_per_s"] == pytest.approx(2.0) and full["answer_tokens_per_s"] == pytest.approx(40.0)
+    assert vitos["grounding_output_tokens"] == 13 and vitos["grounding_time_s"] == pytest.approx(0.2)
+    assert vitos["answer_tokens_per_s"] == pytest.approx(16 / 0.4) and vitos["answer_batch"] == 2
+    lines = passes_table(s).splitlines()
+    one = next(line for line in lines if line.startswith("| One pass"))
+    two = next(line for line in lines if line.startswith("| ViToS"))
+    assert one.split(" | ")[2:6] == ["-", "-", "-", "-"]  # no grounding pass
+    assert two.split(" | ")[2:6] == ["130", "13.0", "0.2000", "2"]
+    assert two.split(" | ")[-5:-1] == ["0.2000", "2", "5.0", "40"]

@@ -72,6 +72,29 @@ def markdown_table(summary: Mapping[str, Any], protocol: str) -> str:
     return "\n".join(lines)
 
 
+def passes_table(summary: Mapping[str, Any]) -> str:
+    """Where the time goes: per method x backbone (means over the row's benchmarks), the grounding
+    pass's prompt tokens, output tokens, seconds per question and batch, then the answering pass's
+    prompt tokens, kept visual tokens, output tokens, seconds per question, batch and throughput
+    (questions and output tokens per second), and the latency of both passes."""
+    head = ["Method", "Backbone", "Ground. prompt tok.", "Ground. output tok.", "Ground. s/q", "Ground. batch",
+            "Answer prompt tok.", "Kept visual tok.", "Answer output tok.", "Answer s/q", "Answer batch",
+            "Answer q/s", "Answer tok/s", "Latency (s/q)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for row in summary["rows"]:
+        a = row["average"]
+        two = (a.get("grounding_prompt_tokens") or 0) > 0  # a grounding pass ran
+        cells = [METHOD_NAMES.get(row["method"], row["method"]), row["model"],
+                 fmt(a.get("grounding_prompt_tokens"), 0) if two else "-",
+                 fmt(a.get("grounding_output_tokens"), 1) if two else "-",
+                 fmt(a.get("grounding_time_s"), 4) if two else "-", fmt(a.get("grounding_batch"), 0) if two else "-",
+                 fmt(a.get("prompt_tokens"), 0), fmt(a.get("kept_tokens"), 0), fmt(a.get("answer_output_tokens"), 1),
+                 fmt(a.get("answer_time_s"), 4), fmt(a.get("answer_batch"), 0), fmt(a.get("answer_questions_per_s"), 1),
+                 fmt(a.get("answer_tokens_per_s"), 0), fmt(a.get("time_per_question_s"), 4)]  # fmt: skip
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def _n_table(summary: Mapping[str, Any]) -> str:
     cols = summary["benchmarks"]
     lines = ["| Method | Backbone | " + " | ".join(BENCHMARK_NAMES.get(b, b) for b in cols) + " | Total |",
@@ -146,6 +169,12 @@ def render_markdown(summary: Mapping[str, Any], title: str = "ViToS evaluation")
            "(averaged as mean latency over mean latency)."]
     for p in summary["protocols"]:
         out += ["", f"## Protocol: {p}", "", markdown_table(summary, p), ""] + _relative_note(summary, p)
+    out += ["", "## Where the time goes (each pass)", "",
+            "Means over the row's benchmarks. A pass's s/q is its generate calls' wall time shared equally by "
+            "their questions (batch = questions per call); Answer q/s and tok/s = questions and output tokens "
+            "per second of the answering pass. A ratio of latencies that follows the output tokens comes from "
+            "decoding (shorter answers), one that follows the prompt tokens at equal outputs from prefill.", "",
+            passes_table(summary)]
     out += ["", "## Questions per cell (n)", "", _n_table(summary)]
     extras = []
     for row in summary["rows"]:

@@ -13,6 +13,10 @@ Units and formulas (per model, method and benchmark, over its ``n`` questions):
 * keep ratio: mean of the records' ``keep_ratio`` (kept / all visual tokens; 1 for one pass);
 * prompt tokens: mean ``prompt_tokens`` of the answering pass; grounding prompt tokens: mean
   ``grounding_prompt_tokens`` (0 for one-pass methods);
+* each pass on its own: mean output tokens (``grounding_output_tokens``, ``answer_output_tokens``),
+  mean seconds per question (``grounding_time_s``, ``answer_time_s``: each generate call's wall time
+  shared equally by its questions), the mean batch of those calls (``grounding_batch``,
+  ``answer_batch``) and the answering pass's throughput (questions and output tokens per second);
 * time per question: ``sum(time_s) / n``, seconds (wall time of all passes of a question);
 * speed-up: ``t_full / t_method``, the time per question of the same model's ``"full"`` method
   (one pass, nothing pruned) on the same benchmark over this method's;
@@ -98,6 +102,8 @@ def _cell(records: Sequence[dict]) -> dict[str, Any]:
         scored[p], correct[p] = len(verdicts), sum(verdicts)
         accuracy[p] = 100.0 * correct[p] / scored[p] if scored[p] else None
     times = [x for x in (number(r.get("time_s")) for r in records) if x is not None]
+    answer_t = [x for x in (number(r.get("answer_time_s")) for r in records) if x is not None]
+    answer_out = [x for x in (number(r.get("answer_output_tokens")) for r in records) if x is not None]
     ious = [x for x in (number(r.get("iou")) for r in records) if x is not None]
     return {
         "n": n,
@@ -110,6 +116,17 @@ def _cell(records: Sequence[dict]) -> dict[str, Any]:
         "prompt_tokens": _mean(r.get("prompt_tokens") for r in records),
         "grounding_prompt_tokens": _mean(r.get("grounding_prompt_tokens") for r in records),
         "output_tokens": _mean(r.get("output_tokens") for r in records),
+        # each pass on its own (where a ratio comes from: prefill, decoding or shorter answers)
+        "grounding_output_tokens": _mean(r.get("grounding_output_tokens") for r in records),
+        "answer_output_tokens": _mean(answer_out) if answer_out else None,
+        "grounding_time_s": _mean(r.get("grounding_time_s") for r in records),
+        "answer_time_s": _mean(answer_t) if answer_t else None,
+        "answer_batch": _mean(r.get("answer_batch") for r in records),
+        "grounding_batch": _mean(r.get("grounding_batch") for r in records),
+        # answering pass: questions and output tokens per second of its generate calls
+        "answer_questions_per_s": len(answer_t) / sum(answer_t) if answer_t and sum(answer_t) > 0 else None,
+        "answer_tokens_per_s": (sum(answer_out) / sum(answer_t)
+                                if answer_out and len(answer_out) == len(answer_t) and sum(answer_t) > 0 else None),
         "time_total_s": sum(times),
         "n_timed": len(times),
         "time_per_question_s": sum(times) / n if times and n else None,
@@ -203,7 +220,9 @@ def summarize(records: Sequence[dict], reference: Any = None) -> dict[str, Any]:
         avg["accuracy"] = {p: _mean(per[b]["accuracy"][p] for b in bs) for p in PROTOCOLS}
         avg["accuracy_benchmarks"] = {p: [b for b in bs if per[b]["accuracy"][p] is not None] for p in PROTOCOLS}
         for k in ("keep_ratio", "visual_tokens", "kept_tokens", "prompt_tokens", "grounding_prompt_tokens",
-                  "output_tokens", "time_per_question_s", "iou"):
+                  "output_tokens", "time_per_question_s", "iou", "grounding_output_tokens", "answer_output_tokens",
+                  "grounding_time_s", "answer_time_s", "answer_batch", "grounding_batch",
+                  "answer_questions_per_s", "answer_tokens_per_s"):
             avg[k] = _mean(per[b][k] for b in bs)
         full = cells.get((model, FULL), {})
         both = [b for b in bs if b in full and per[b]["time_per_question_s"] and

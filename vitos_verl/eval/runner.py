@@ -459,6 +459,7 @@ class Evaluator:
                 "grounding_prompt_tokens": len(out.prompt_token_ids),
                 "grounding_output_tokens": len(out.outputs[0].token_ids),
                 "grounding_time_s": seconds / max(len(single), 1),
+                "grounding_batch": len(single),
             }
         return [by_uid.get(it.uid) for it in items]
 
@@ -476,6 +477,8 @@ class Evaluator:
         requests = [self._request(it, "reasoning", p.get("image"), p.get("keep", "")) for it, (p, _) in zip(items, plans)]
         outs, seconds = self._generate(requests, self.cfg.generation.answer_max_tokens)
         share = seconds / max(len(items), 1)
+        for _, f in plans:
+            f["answer_batch"] = len(items)
         return [self._record(benchmark, method, it, f, out, share) for it, (_, f), out in zip(items, plans, outs)]
 
     def _record(self, benchmark: str, method: str, it: Item, fields: dict, out, share: float) -> dict:
@@ -494,7 +497,9 @@ class Evaluator:
             "num_images": len(it.images), "prediction": prediction, "grounding_output": None, "box_format": None, "box_raw": None, "box_resized": None,
             "box_original": None, "gt_boxes": [list(b) for b in e.get("gt_boxes") or []], "iou": None,
             "visual_tokens": it.geom.num_tokens, "grounding_prompt_tokens": 0, "grounding_output_tokens": 0,
+            "grounding_batch": 0,
             **fields,
+            "answer_output_tokens": len(out.outputs[0].token_ids),
             "prompt_tokens": len(out.prompt_token_ids),
             "output_tokens": len(out.outputs[0].token_ids) + int(fields.get("grounding_output_tokens", 0)),
             "answer_time_s": share, "grounding_time_s": grounding_time, "time_s": share + grounding_time,
