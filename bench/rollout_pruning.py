@@ -28,7 +28,10 @@ prompt) against two passes (grounding, then reasoning on the tight GT-box mask, 
 and with ``--grounding-max-pixels`` two passes whose grounding pass sees a low-resolution copy
 of the image (the reasoning pass keeps the full-resolution tokens; it is a new image for vLLM,
 so its first pruned request carries the pixels). Its last line:
-``mode=eval ... two_pass_ratio=<x> [two_pass_lowres_ratio=<y>]``. ``--mode both`` runs eval, then
+``mode=eval ... two_pass_ratio=<x> [two_pass_lowres_ratio=<y>] [two_pass_ratio_own_lengths=<z>]``: every
+output has exactly ``--grounding-tokens`` / ``--answer-tokens`` tokens (equal lengths: the ratio of
+prefill and per-token work), and with ``--own-lengths`` the same arms again with each output stopping
+at its own end-of-sequence token (a trained checkpoint's real lengths: shorter answers show here). ``--mode both`` runs eval, then
 rollout. The rollout mode's last line is exactly
 ``config=<n_g>x<n_r> keep_ratio=<k> overhead_ms_per_request=<x> reasoning_time_ratio=<y> rollout_time_ratio=<z>``.
 
@@ -46,6 +49,7 @@ shared machines are noisy: use ``--repeats`` and read the medians.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -282,12 +286,14 @@ class Bench:
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()
 
-    def generate(self, requests: list[dict], n: int, max_tokens: int, greedy: bool = False) -> tuple[float, dict]:
+    def generate(self, requests: list[dict], n: int, max_tokens: int, greedy: bool = False,
+                 own_lengths: bool = False) -> tuple[float, dict]:  # fmt: skip
         """Wall seconds of one ``LLM.generate`` call, and its requests, prompt tokens (once per
-        request) and generated tokens (every sample)."""
+        request) and generated tokens (every sample). Every sample runs to ``max_tokens`` unless
+        ``own_lengths`` (then it stops at its end-of-sequence token, ``max_tokens`` at most)."""
         from vllm import SamplingParams
 
-        sp = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, ignore_eos=True)
+        sp = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, ignore_eos=not own_lengths)
         t0 = time.perf_counter()
         outs = self.llm.generate(requests, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -389,11 +395,15 @@ def overhead(b: Bench, qs: list[dict], masks: Masks) -> float:
     return _median(diffs)
 
 
-def eval_mode(b: Bench, qs: list[dict]) -> dict:
+def eval_mode(b: Bench, qs: list[dict], own_lengths: bool = False) -> dict:
+    """One pass against two passes, greedy, from reset caches. ``own_lengths``: each request stops
+    at its own end-of-sequence token (the outputs' lengths are the model's; ``--answer-tokens`` and
+    ``--grounding-tokens`` cap them), else every output has exactly those lengths."""
     from vitos_verl.pruning import smart_resize
 
     a = b.a
     A, G = a.answer_tokens, a.grounding_tokens
+    gen = functools.partial(b.generate, greedy=True, own_lengths=own_lengths)
     t: dict[str, list[float]] = {"one": [], "two": []}
     info: dict[str, dict] = {}
     low = None
@@ -407,25 +417,27 @@ def eval_mode(b: Bench, qs: list[dict]) -> dict:
             low.append(q["image"].resize((rw, rh)))
     for rep in range(a.repeats):
         b.reset()
-        dt, info["one"] = b.generate([b.request(q, "reasoning") for q in qs], 1, A, greedy=True)
+        dt, info["one"] = gen([b.request(q, "reasoning") for q in qs], 1, A)
         t["one"].append(dt)
         b.reset()
         t0 = time.perf_counter()
-        _, gi = b.generate([b.request(q, "grounding") for q in qs], 1, G, greedy=True)
-        _, ri = b.generate([b.request(q, "reasoning", q["tight"]) for q in qs], 1, A, greedy=True)
+        _, gi = gen([b.request(q, "grounding") for q in qs], 1, G)
+        _, ri = gen([b.request(q, "reasoning", q["tight"]) for q in qs], 1, A)
         t["two"].append(time.perf_counter() - t0)
         info["two"] = {k: gi[k] + ri[k] for k in gi}
         if low is not None:
             b.reset()
             t0 = time.perf_counter()
-            _, gi = b.generate([b.request(q, "grounding", image=im) for q, im in zip(qs, low)], 1, G, greedy=True)
-            _, ri = b.generate([b.request(q, "reasoning", q["tight"]) for q in qs], 1, A, greedy=True)
+            _, gi = gen([b.request(q, "grounding", image=im) for q, im in zip(qs, low)], 1, G)
+            _, ri = gen([b.request(q, "reasoning", q["tight"]) for q in qs], 1, A)
             t["low"].append(time.perf_counter() - t0)
             info["low"] = {k: gi[k] + ri[k] for k in gi}
         print(f"  repeat {rep}: " + " ".join(f"{k}={v[-1]:.2f}s" for k, v in t.items()), flush=True)
     keep = statistics.mean(q["tight"].ratio for q in qs)
     base = _median(t["one"])
-    print(f"eval: {len(qs)} questions, greedy, grounding {G} tokens, answers {A} tokens, tight GT box (mean keep {keep:.3f}), "
+    lengths = f"each output to its own end (at most: grounding {G}, answers {A} tokens)" if own_lengths else \
+        f"grounding {G} tokens, answers {A} tokens"
+    print(f"eval: {len(qs)} questions, greedy, {lengths}, tight GT box (mean keep {keep:.3f}), "
           f"{a.repeats} repeats (medians)")
     print(HEADER)
     print(_row("one pass (full tokens)", t["one"], info["one"]))
@@ -452,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--answer-tokens", type=int, default=64)
     p.add_argument("--grounding-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--own-lengths", action="store_true",
+                   help="eval: also time both arms with each output stopping at its own end-of-sequence token")
     p.add_argument("--overhead-requests", type=int, default=8, help="requests per question in each overhead arm")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mm-cache-gb", type=float, default=4.0, help="vLLM's mm_processor_cache_gb (0: no pixel-less items)")
@@ -485,6 +499,9 @@ def main(argv: list[str] | None = None) -> None:
         line = f"mode=eval questions={len(qs)} keep_ratio={ev['keep']:.3f} two_pass_ratio={ev['two_pass_ratio']:.3f}"
         if "two_pass_lowres_ratio" in ev:
             line += f" two_pass_lowres_ratio={ev['two_pass_lowres_ratio']:.3f}"
+        if a.own_lengths:  # the same arms with the model's own output lengths
+            own = eval_mode(b, qs, own_lengths=True)
+            line += f" two_pass_ratio_own_lengths={own['two_pass_ratio']:.3f}"
         print(line, flush=True)
     if a.mode in ("rollout", "both"):
         ro = rollout_mode(b, qs, masks)
