@@ -49,6 +49,17 @@ def tiny_ckpt() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_224_ckpt() -> Path:
+    """The tiny policy at the controlled task's pixel budget (224 x 224 px: 8 x 8 visual tokens,
+    ``recipes/learn_cpu.yaml``'s ``data.max_pixels``)."""
+    from dataclasses import replace
+
+    from vitos_verl.models.tiny import SIZES, build_tiny_checkpoint
+
+    return build_tiny_checkpoint(CACHE / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176))
+
+
+@pytest.fixture(scope="session")
 def tiny_processor(tiny_ckpt):
     from transformers import AutoProcessor
 

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,10 +43,8 @@ def task(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model() -> Path:
-    from vitos_verl.models.tiny import SIZES, build_tiny_checkpoint
-
-    return build_tiny_checkpoint(ROOT / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=50176))
+def model(tiny_224_ckpt) -> Path:
+    return tiny_224_ckpt
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

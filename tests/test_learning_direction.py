@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ import pytest
 from vitos_verl.platform import precision
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_PIXELS = 50176  # recipes/learn_cpu.yaml: 224 x 224, 8 x 8 visual tokens
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +37,8 @@ def task(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model() -> Path:
-    from vitos_verl.models.tiny import SIZES, build_tiny_checkpoint
-
-    return build_tiny_checkpoint(ROOT / "outputs" / "test-cache" / "tiny-qwen2.5-vl-224px", replace(SIZES["tiny"], max_pixels=MAX_PIXELS))
+def model(tiny_224_ckpt) -> Path:
+    return tiny_224_ckpt
 
 
 def _step(task: Path, model: Path, dtype: str, tmp_path: Path, *overrides: str) -> dict:
