@@ -384,7 +384,9 @@ class Evaluator:
             ri = reasoning_input("crop", item.images[0], geom, box, **self._box_rule())
             fields = {"box_format": ref.get("box_format"), "box_raw": ref.get("box_raw"),
                       "box_resized": box, "box_original": ref["box_original"], "iou": ref["iou"],
-                      "grounding_output": ref["grounding_output"], "grounding_prompt_tokens": ref["grounding_prompt_tokens"]}
+                      "grounding_output": ref["grounding_output"], "grounding_prompt_tokens": ref["grounding_prompt_tokens"],
+                      # the grounding pass crop shares with vitos: its output tokens and batch too
+                      "grounding_output_tokens": ref.get("grounding_output_tokens", 0), "grounding_batch": ref.get("grounding_batch", 0)}
             return {"image": ri.image}, {**fields, **_mask_fields(ri.keep_mask, always=True)}
         if method == "oracle":
             gt = [box_to_resized(b, geom) for b in item.extra.get("gt_boxes") or []]
