@@ -260,7 +260,7 @@ def test_failed_samples_get_zero_advantage():
         DataProto.from_dict(tensors={"old_log_probs": torch.zeros(len(data), T), "entropys": torch.ones(len(data), T)}), 0.0
     )
     metrics: dict = {}
-    out = trainer._log_probs(b, metrics, "reasoning", {})
+    out = trainer._log_probs_and_advantages(b, metrics, "reasoning", {})
     adv = out.batch["advantages"]
     failed = [1, 6]
     assert adv[failed].abs().sum() == 0 and out.batch["response_mask"][failed].sum() == 0
@@ -309,7 +309,7 @@ def test_malformed_samples_leave_the_loss_but_not_their_group():
             DataProto.from_dict(tensors={"old_log_probs": torch.zeros(len(data), T), "entropys": torch.ones(len(data), T)}), 0.0
         )
         metrics: dict = {}
-        out = trainer._log_probs(b, metrics, "grounding", {})
+        out = trainer._log_probs_and_advantages(b, metrics, "grounding", {})
         adv, rmask = out.batch["advantages"], out.batch["response_mask"]
         bad = [2, 7] if on else []
         good = [i for i in range(n) if i not in bad]
@@ -320,7 +320,7 @@ def test_malformed_samples_leave_the_loss_but_not_their_group():
 
 
 def test_failed_answers_give_their_box_no_feedback():
-    """_score_streams: a failed reasoning answer is left out of its box's cross-feedback."""
+    """_rewards_with_cross_feedback: a failed reasoning answer is left out of its box's cross-feedback."""
     from verl import DataProto
 
     trainer = _trainer(2)
@@ -344,7 +344,7 @@ def test_failed_answers_give_their_box_no_feedback():
     texts = ["<box>[100, 100, 300, 300]</box>", "<box>[0, 0, 100, 100]</box>"]
     plan = plan_reasoning(texts, [list(geom.grid_thw)] * 2, [(512, 512)] * 2, [[]] * 2, ViToSConfig(n_r=2))
     assert plan.box_index.tolist() == [0, 0, 1, 1]
-    trainer._score_streams(g, r, plan)
+    trainer._rewards_with_cross_feedback(g, r, plan)
     assert g.non_tensor_batch["feedback"].tolist() == [1.0, 1.0]  # 0.5 for box 0 if the failure counted
     # the keep ratio charged is the planner's mask's, built once
     assert g.non_tensor_batch["keep_ratio"].tolist() == [m.ratio for m in plan.keep_masks] and plan.keep_masks[0].ratio < 1
@@ -497,7 +497,7 @@ def my_reward(data_source, solution_str, ground_truth, extra_info=None, bonus=0.
 def test_custom_reward_function_reaches_both_streams(cfg, rows, tmp_path):
     """A user's function named in reward.custom_reward_function scores the reasoning stream in
     verl's reward loop (through the ViToS agent-loop worker) and the grounding stream on the
-    driver (_score_streams), with its reward_kwargs and the stream in extra_info."""
+    driver (_rewards_with_cross_feedback), with its reward_kwargs and the stream in extra_info."""
     import json
 
     from verl import DataProto
@@ -560,7 +560,7 @@ def test_custom_reward_function_reaches_both_streams(cfg, rows, tmp_path):
                      "extra_info": with_stream([r_["extra_info"] for r_ in rows[:n]], "grounding")},
     )
     plan = SimpleNamespace(grounding_texts=[REPLY] * n, box_index=np.arange(n), grounding_keep_ratios=lambda: np.full(n, 0.375))
-    scores = trainer._score_streams(g, r, plan)
+    scores = trainer._rewards_with_cross_feedback(g, r, plan)
     assert scores["grounding"]["score"].tolist() == pytest.approx([0.26] * n)
     assert g.non_tensor_batch["iou"].tolist() == [0.5] * n and g.non_tensor_batch["reward_error"].tolist() == [0.0] * n
     assert float(g.batch["token_level_scores"].sum()) == pytest.approx(0.26 * n)
