@@ -16,6 +16,8 @@
 #               updating the grounding stream only for STAGE_STEPS steps, its export, then the
 #               reasoning stream only for STAGE_STEPS steps from the export, and the check that
 #               stage 2 started from stage 1's weights (not in CI)
+#   make two-node  two Ray nodes on this machine (token auth on): FSDP over two ranks, two vLLM
+#               replicas, a checkpoint, the worker node killed, a resume (not in CI; ~15 min)
 #   make gpu-smoke  the first run on a GPU host (scripts/gpu_smoke.sh, one GPU, no set-up step):
 #               versions and attention path, the parity tests, gpu1_small for 3 steps + a resume,
 #               the 7B-shape rollout and evaluation benchmarks; SMOKE_ARGS="--only train" / "--dry-run"
@@ -36,7 +38,7 @@ export VITOS_DATA := $(DATA)
 
 RECIPE ?= smoke_cpu
 
-.PHONY: setup data tiny warmstart train summary demo eval curve learn learn-ablations two-stage pruned-check test bench gpu-smoke lint clean
+.PHONY: setup data tiny warmstart train summary demo eval curve learn learn-ablations two-stage two-node pruned-check test bench gpu-smoke lint clean
 
 setup:
 	bash scripts/setup_cpu.sh
@@ -100,6 +102,12 @@ pruned-check: data tiny
 
 test: setup
 	$(PY) -m pytest -q
+
+# two Ray nodes on this machine (tests/test_two_node.py; not in CI, about 15 min): FSDP over two
+# ranks on two nodes, two vLLM replicas, a checkpoint, the worker node killed, a resume; figures in
+# the test's output and its runs folder (two_node.json)
+two-node: warmstart
+	VITOS_OUTPUTS=$(OUT) $(PY) -m pytest -q -s -m two_node tests/test_two_node.py
 
 bench: data
 	$(PY) bench/rollout_pruning.py $(BENCH_ARGS)

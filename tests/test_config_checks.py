@@ -80,7 +80,25 @@ REFUSED = [
     (["vitos.grounding_max_pixels=50176", "data.grounding_max_pixels=25088"],
      r"data.grounding_max_pixels=25088 differs from vitos.grounding_max_pixels=50176"),
     (["vitos.grounding_max_pixels=313600"], r"grounding_max_pixels=313600 exceeds data.max_pixels=78400"),
+    # data-parallel ranks: the smoke recipe on two ranks (verl's engine would assert inside a worker)
+    (["trainer.nnodes=2"], r"rollout.log_prob_micro_batch_size_per_gpu=4 does not divide the grounding stream's 2 samples per rank"),
+    (["trainer.nnodes=2", "data.train_batch_size=4"],
+     r"ppo_micro_batch_size_per_gpu=4 does not divide the grounding update's 2 samples per rank and optimiser step"),
+    (["trainer.n_gpus_per_node=3", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+      "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1"], r"grounding stream's 4 samples per step do not split over 3"),
+    (["trainer.n_gpus_per_node=3", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"],
+     r"3 GPUs is not a multiple of actor.ulysses_sequence_parallel_size=2"),
 ]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.nnodes=2", "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4"],  # make two-node
+    ["trainer.nnodes=2", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"],
+    ["trainer.nnodes=2", "actor_rollout_ref.actor.use_dynamic_bsz=true"],  # token-budget micro-batches: any split
+])
+def test_two_ranks_that_fit_pass(outputs, overrides):
+    check_config(_cfg(*overrides))
 
 
 @pytest.mark.parametrize("overrides, message", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])

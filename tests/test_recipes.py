@@ -189,20 +189,25 @@ def test_invalid_config_is_refused():
             check_config(cfg, check_files=False)
 
 
-@pytest.mark.parametrize("recipe", ["smoke_cpu", "lingshu7b"])
-def test_launch_dry_run(recipe, tmp_path, monkeypatch):
-    env = {**os.environ, "RECIPE": recipe, "DRY_RUN": "1", "NNODES": "3", "GPUS_PER_NODE": "4", "VITOS_OUTPUTS": str(tmp_path),
-           "PYTHON": sys.executable}
+# NNODES / GPUS_PER_NODE reach the config; the batch must split over the ranks (check_data_parallel):
+# the smoke recipe's 2 questions do not on two ranks, so it runs as make two-node does
+@pytest.mark.parametrize("recipe, nodes, gpus, args", [
+    ("smoke_cpu", 2, 1, ["data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4"]),
+    ("lingshu7b", 2, 4, []),
+])
+def test_launch_dry_run(recipe, nodes, gpus, args, tmp_path, monkeypatch):
+    env = {**os.environ, "RECIPE": recipe, "DRY_RUN": "1", "NNODES": str(nodes), "GPUS_PER_NODE": str(gpus),
+           "VITOS_OUTPUTS": str(tmp_path), "PYTHON": sys.executable}
     env.pop("RAY_ADDRESS", None)
     monkeypatch.setenv("VITOS_OUTPUTS", str(tmp_path))
     cfg = _compose(recipe)
     OmegaConf.resolve(cfg)
     _make_data_files(cfg)
-    out = subprocess.run(["bash", str(ROOT / "launch" / "dualstream.sh")], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(["bash", str(ROOT / "launch" / "dualstream.sh"), *args], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     printed = yaml.safe_load(out.stdout[out.stdout.index("actor_rollout_ref:"):]) if "actor_rollout_ref:" in out.stdout else None
     assert printed is not None, out.stdout[-2000:]
-    assert printed["trainer"]["nnodes"] == 3 and printed["trainer"]["n_gpus_per_node"] == 4
+    assert printed["trainer"]["nnodes"] == nodes and printed["trainer"]["n_gpus_per_node"] == gpus
     assert printed["outputs_dir"] == str(tmp_path)
 
 
@@ -238,23 +243,23 @@ def test_slurm_script_dry_run(tmp_path):
     them, and the config the head would run composes (launch/dualstream.sh's dry run)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\ngpu03\\n'\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\ngpu03\\ngpu04\\n'\n")
     (bin_dir / "srun").write_text("#!/bin/sh\necho 10.1.2.3\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="gpu[01-03]", SLURM_SUBMIT_DIR=str(ROOT), RECIPE="qwen25vl7b_1node",
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="gpu[01-04]", SLURM_SUBMIT_DIR=str(ROOT), RECIPE="qwen25vl7b_1node",
                GPUS_PER_NODE="4", DRY_RUN="1", VITOS_OUTPUTS=str(tmp_path), PYTHON=sys.executable)
     out = subprocess.run(["bash", str(ROOT / "launch" / "slurm" / "dualstream.sbatch"), "check_files=false"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     cmd = next(line for line in out.stdout.splitlines() if line.startswith("vitos: would run:"))
-    assert "srun --nodes=3 --ntasks-per-node=1" in cmd
-    assert "ray symmetric-run --address 10.1.2.3:6379 --min-nodes 3" in cmd and "--num-gpus=4" in cmd
-    assert " -- env RAY_ADDRESS=10.1.2.3:6379 RECIPE=qwen25vl7b_1node NNODES=3 GPUS_PER_NODE=4" in cmd
+    assert "srun --nodes=4 --ntasks-per-node=1" in cmd
+    assert "ray symmetric-run --address 10.1.2.3:6379 --min-nodes 4" in cmd and "--num-gpus=4" in cmd
+    assert " -- env RAY_ADDRESS=10.1.2.3:6379 RECIPE=qwen25vl7b_1node NNODES=4 GPUS_PER_NODE=4" in cmd
     assert cmd.rstrip().endswith("bash launch/dualstream.sh check_files=false")
     printed = yaml.safe_load(out.stdout[out.stdout.index("actor_rollout_ref:"):])
-    assert printed["trainer"]["nnodes"] == 3 and printed["trainer"]["n_gpus_per_node"] == 4
+    assert printed["trainer"]["nnodes"] == 4 and printed["trainer"]["n_gpus_per_node"] == 4
 
 
 def test_one_gpu_recipe(monkeypatch):

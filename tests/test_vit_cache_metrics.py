@@ -32,9 +32,34 @@ def test_replica_is_max_over_its_workers_and_replicas_add_up():
     assert replica_counters(tp2) == {"hits": 10, "misses": 2, "recomputes": 1, "pixelless": 6}
     assert replica_counters([]) == replica_counters(None) == dict.fromkeys(vcm.COUNTERS, 0)
     assert replica_counters([{"hits": 3}]) == {"hits": 3, "misses": 0, "recomputes": 0, "pixelless": 0}
-    assert total_counters([tp2, [_w(5, 3, 0, 2)], None]) == {"hits": 15, "misses": 5, "recomputes": 1, "pixelless": 8}
+    total = total_counters([tp2, [_w(5, 3, 0, 2)], None])
+    assert {k: total[k] for k in vcm.COUNTERS} == {"hits": 15, "misses": 5, "recomputes": 1, "pixelless": 8}
+    assert [r["hits"] for r in total["replicas"]] == [10, 5, 0]  # each replica's own, in order
     with pytest.raises(TypeError):
         replica_counters([3])
+
+
+def test_replica_metrics_count_items_images_and_split_images():
+    """Per replica: pruned items and distinct images of the step; an image served by two replicas
+    in one step counts once in split_images (a question's requests that left its replica)."""
+    step1 = total_counters([
+        [_w(3, 1, images={"aa": 4}), _w(3, 1, images={"aa": 4})],  # TP=2: the same image, not twice
+        [_w(5, 2, images={"bb": 3, "cc": 4})],
+    ])["replicas"]
+    m1 = vcm.replica_step_metrics(step1, None)
+    assert m1 == {"rollout/replica_0/image_items": 4.0, "rollout/replica_0/images": 1.0,
+                  "rollout/replica_1/image_items": 7.0, "rollout/replica_1/images": 2.0,
+                  f"{PREFIX}split_images": 0.0}
+    # next step: replica 0 serves aa again and dd; replica 1 serves dd too (split), bb unchanged
+    step2 = total_counters([[_w(6, 2, images={"aa": 6, "dd": 2})], [_w(6, 3, images={"bb": 3, "cc": 4, "dd": 2})]])["replicas"]
+    m2 = vcm.replica_step_metrics(step2, step1)
+    assert m2["rollout/replica_0/image_items"] == 4 and m2["rollout/replica_0/images"] == 2
+    assert m2["rollout/replica_1/image_items"] == 2 and m2["rollout/replica_1/images"] == 1
+    assert m2[f"{PREFIX}split_images"] == 1
+    # a restarted engine (counters went down) counts from 0; no replicas: no metrics
+    m3 = vcm.replica_step_metrics(total_counters([[_w(1, 1, images={"ee": 2})], [_w(6, 3, images={"bb": 3, "cc": 4, "dd": 2})]])["replicas"], step2)
+    assert m3["rollout/replica_0/image_items"] == 2 and m3["rollout/replica_0/images"] == 1 and m3["rollout/replica_1/images"] == 0
+    assert vcm.replica_step_metrics([], step2) == vcm.replica_step_metrics(None, None) == {}
 
 
 def test_step_delta():
@@ -123,9 +148,12 @@ def test_query_replicas_through_ray_call_on_async_actors():
         ray.get([s.launch_server.remote() for s in r0 + r1])
         trainer = SimpleNamespace(llm_server_manager=SimpleNamespace(
             get_replicas=lambda: [SimpleNamespace(servers=r0), SimpleNamespace(servers=r1)]))
-        assert vcm.query_replicas(trainer, timeout=10) == {"hits": 5, "misses": 3, "recomputes": 1, "pixelless": 4}
+        counts = vcm.query_replicas(trainer, timeout=10)
+        assert {k: counts[k] for k in vcm.COUNTERS} == {"hits": 5, "misses": 3, "recomputes": 1, "pixelless": 4}
+        assert [r["misses"] for r in counts["replicas"]] == [2, 1]  # per replica, in verl's order
         m = vit_cache_step_metrics(trainer)
         assert m[f"{PREFIX}hit_rate"] == pytest.approx(5 / 8) and m[f"{PREFIX}misses"] == 3
+        assert m["rollout/replica_0/image_items"] == 6 and m["rollout/replica_1/image_items"] == 2
         assert ray.get(r0[0].ping.remote())  # the actor's loop is free after the call
     finally:
         ray.shutdown()
@@ -182,6 +210,9 @@ def test_step_metrics_from_a_real_engine(llm, tiny_processor):
         loop.call_soon_threadsafe(loop.stop)
     assert m[f"{PREFIX}misses"] == 1 and m[f"{PREFIX}hits"] == 1 and m[f"{PREFIX}hit_rate"] == 0.5
     assert m[f"{PREFIX}pixelless"] == 1 and m[f"{PREFIX}recomputes"] == 0
+    # the engine's own record of the images it served: one image, one pruned item, one replica
+    assert m["rollout/replica_0/images"] == 1 and m["rollout/replica_0/image_items"] == 2
+    assert m[f"{PREFIX}split_images"] == 0
 
 
 async def _make_task():

@@ -72,6 +72,10 @@ class BoundedLRU(Generic[K, V]):
         """The values, least recently used first (recency unchanged)."""
         return iter(self._data.values())
 
+    def items(self) -> Iterator[tuple[K, V]]:
+        """``(key, value)`` pairs, least recently used first (recency unchanged)."""
+        return iter(self._data.items())
+
     def put(self, key: K, value: V, *, trim: bool = True) -> None:
         """Set ``key`` to ``value`` as the most recently used entry (replacing any old value), then
         :meth:`trim` unless ``trim=False``; a value over ``max_bytes`` on its own is evicted by that

@@ -57,6 +57,9 @@ from vitos_verl.rollout.vllm_processor import ViToSMultiModalProcessor, ViToSPro
 ARCH = "ViToSQwen2_5_VLForConditionalGeneration"
 VIT_CACHE_ITEMS = int(os.environ.get("VITOS_VIT_CACHE_ITEMS", "256"))
 VIT_CACHE_BYTES = int(float(os.environ.get("VITOS_VIT_CACHE_MB", "1024")) * (1 << 20))
+#: Distinct images whose pruned items a worker remembers for ``vit_cache_stats()["images"]``
+#: (the most recent ones; enough for one step's questions on one replica).
+SEEN_IMAGES = int(os.environ.get("VITOS_SEEN_IMAGES", "4096"))
 RPC_STATS = "vitos_vit_cache_stats"  # worker method name for collective_rpc (see _patch_runner_resets)
 
 
@@ -92,7 +95,10 @@ def vit_cache_stats(model) -> dict[str, float]:
     ``hits`` (image items served from cached features), ``misses`` (ViT passes, one per image
     encoded), ``recomputes`` (of those, pixel-less items re-encoded from kept pixels, e.g. after a
     weight update), ``pixelless`` (items that arrived without pixels), ``clears`` (ViT-cache
-    invalidations), ``hit_rate`` = hits / (hits + misses) (0.0 before any image). Use
+    invalidations), ``hit_rate`` = hits / (hits + misses) (0.0 before any image), ``images``
+    (``{image key hex: pruned items served}``, cumulative, for the :data:`SEEN_IMAGES` most recently
+    served images: which images this engine served, e.g. to check that a question's requests
+    stayed on one replica). Use
     ``llm.apply_model(vit_cache_stats)`` in-process, or ``collective_rpc("vitos_vit_cache_stats")``
     on any engine (verl's ``vLLMHttpServer`` engine: ``await server.engine.collective_rpc(...)``,
     one dict per worker; a method name, so no ``VLLM_ALLOW_INSECURE_SERIALIZATION``).
@@ -106,6 +112,7 @@ def vit_cache_stats(model) -> dict[str, float]:
         "clears": int(getattr(model, "vit_cache_clears", 0)),
         "kept": int(getattr(model, "vit_cache_kept", 0)),
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "images": {k.hex(): n for k, n in seen.items()} if (seen := getattr(model, "_vit_seen", None)) is not None else {},
     }
 
 
@@ -165,6 +172,7 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         self._vit_pixels: BoundedLRU[bytes, torch.Tensor] = BoundedLRU(
             None, _default_pixel_bytes(vllm_config), tensor_bytes
         )
+        self._vit_seen: BoundedLRU[bytes, int] = BoundedLRU(SEEN_IMAGES)  # image key -> pruned items served
         self.vit_cache_hits = 0
         self.vit_cache_misses = 0
         self.vit_cache_recomputes = 0
@@ -298,6 +306,8 @@ class ViToSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         if pix is None:
             self.vit_pixelless_items += len(kb)
         first = {k: i for i, k in reversed(list(enumerate(kb)))}  # one ViT pass per distinct image in the batch
+        for k in kb:
+            self._vit_seen.put(k, self._vit_seen.get(k, 0) + 1)
         if pix is not None:
             for k, i in first.items():
                 self._keep_pixels(k, pix[i])

@@ -268,6 +268,57 @@ def unsupported_options(config: DictConfig) -> Iterable[tuple[str, Any, str]]:
             yield key, value, why
 
 
+def check_data_parallel(config: DictConfig, cfg: Any) -> None:
+    """Each stream's samples must split evenly over the data-parallel ranks and, per rank, into
+    whole micro-batches.
+
+    Data-parallel ranks: ``trainer.nnodes * trainer.n_gpus_per_node`` divided by the actor's
+    ``ulysses_sequence_parallel_size``. Samples per step: ``data.train_batch_size * n_g`` for the
+    grounding stream, ``* n_g * n_r`` for the reasoning stream (``cfg``: the
+    :class:`~vitos_verl.trainer.config.ViToSConfig`). Without dynamic batch sizes, verl 0.9.1's
+    engine (``prepare_micro_batches``, ``verl/workers/engine/utils.py``) asserts that a rank's
+    batch is a whole number of micro-batches: for the old and reference log-probs
+    (``rollout.`` / ``ref.log_prob_micro_batch_size_per_gpu``, per stream) and for each
+    optimiser step's mini-batch (``actor.ppo_micro_batch_size_per_gpu``). A mismatch would
+    otherwise stop the first step inside a Ray worker, e.g. on two ranks where one fitted.
+
+    Raises:
+        ValueError: naming the stream, the samples per rank and the key to change.
+    """
+    arr = config.actor_rollout_ref
+    ranks = int(config.trainer.nnodes) * int(config.trainer.n_gpus_per_node)
+    sp = int(_get(config, "actor_rollout_ref.actor.ulysses_sequence_parallel_size") or 1)
+    if ranks % sp:
+        raise ValueError(f"trainer.nnodes * trainer.n_gpus_per_node = {ranks} GPUs is not a multiple of "
+                         f"actor.ulysses_sequence_parallel_size={sp}")
+    dp = ranks // sp
+    batch = int(config.data.train_batch_size)
+    samples = {"grounding": batch * cfg.n_g, "reasoning": batch * cfg.n_g * cfg.n_r}
+    fix = (f"(data.train_batch_size={batch}, vitos.n_g={cfg.n_g}, vitos.n_r={cfg.n_r}, {dp} data-parallel ranks): "
+           "lower the micro-batch size or raise data.train_batch_size")
+    for stream, n in samples.items():
+        if n % dp:
+            raise ValueError(f"the {stream} stream's {n} samples per step do not split over {dp} data-parallel ranks {fix}")
+    micro = []
+    if not _get(config, "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz"):
+        micro.append("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu")
+    if _get(config, "actor_rollout_ref.actor.use_kl_loss") and not _get(config, "actor_rollout_ref.ref.log_prob_use_dynamic_bsz"):
+        micro.append("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu")
+    for key in micro:
+        size = _get(config, key)
+        for stream, n in samples.items():
+            if size and (n // dp) % int(size):
+                raise ValueError(f"{key}={size} does not divide the {stream} stream's {n // dp} samples per rank {fix}")
+    size = None if arr.actor.get("use_dynamic_bsz") else _get(config, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")
+    if size:
+        mini = int(arr.actor.ppo_mini_batch_size)
+        for name, steps in cfg.update_optim_steps(batch, mini).items():
+            n = sum(samples[s] for s in name.split("+")) // steps // dp
+            if n % int(size):
+                raise ValueError(f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={size} does not divide the "
+                                 f"{name} update's {n} samples per rank and optimiser step {fix}")
+
+
 def check_config(config: DictConfig, check_files: bool = True) -> None:
     """All start-up checks (see module doc); needs no Ray, reads only the config and the files.
 
@@ -294,6 +345,7 @@ def check_config(config: DictConfig, check_files: bool = True) -> None:
     check_grounding_prompt(config)
     if int(config.actor_rollout_ref.rollout.n) != cfg.n_g:
         raise ValueError(f"actor_rollout_ref.rollout.n={config.actor_rollout_ref.rollout.n} must equal vitos.n_g={cfg.n_g}")
+    check_data_parallel(config, cfg)
     if config.trainer.use_v1:
         raise ValueError("the ViToS trainer runs on verl's DataProto driver: set trainer.use_v1=false")
     if config.algorithm.adv_estimator != "grpo":

@@ -12,6 +12,13 @@ step's rollouts) asks every replica for them and returns the change since its pr
   when the step encoded no image). The first call counts from 0; a counter that went down (a
   restarted engine) counts from 0 again. A validation run between two steps is in the next step's
   delta.
+* Per replica ``i`` (verl's replica order): ``rollout/replica_<i>/image_items`` (pruned image
+  items it served: hits + misses) and ``rollout/replica_<i>/images`` (distinct images among them:
+  the keys of the worker's ``images`` map that are new or whose count grew), and
+  ``rollout/vit_cache/split_images``: images that more than one replica served in the step. The
+  trainer routes every request of one question to one replica (:mod:`vitos_verl.rollout.agent_loop`,
+  "Routing"), so it is 0 unless two questions of the step share an image and landed on different
+  replicas; each split image costs one more ViT pass.
 * Within one replica the workers reached by ``collective_rpc`` (its tensor- and pipeline-parallel
   ranks) see the same requests, so a replica's counters are the maximum over its workers, not
   their sum (a TP=4 replica would count every image four times). vLLM's ``collective_rpc``
@@ -70,13 +77,53 @@ def replica_counters(worker_stats: Sequence[Mapping[str, Any]] | None) -> dict[s
     return out
 
 
-def total_counters(replicas: Iterable[Sequence[Mapping[str, Any]] | None]) -> dict[str, int]:
-    """Counters summed over replicas (each one :func:`replica_counters` of its workers' dicts)."""
-    total = dict.fromkeys(COUNTERS, 0)
+def replica_images(worker_stats: Sequence[Mapping[str, Any]] | None) -> dict[str, int]:
+    """One replica's ``{image key: pruned items served}`` (cumulative): the maximum per key over its
+    workers' ``images`` maps (TP/PP ranks see the same requests). Workers without the map: ``{}``."""
+    out: dict[str, int] = {}
+    for stats in worker_stats or ():
+        for k, n in (stats.get("images") or {}).items():
+            out[k] = max(out.get(k, 0), int(n))
+    return out
+
+
+def total_counters(replicas: Iterable[Sequence[Mapping[str, Any]] | None]) -> dict[str, Any]:
+    """Counters summed over replicas (each one :func:`replica_counters` of its workers' dicts),
+    and under ``"replicas"`` each replica's own counters plus its ``"images"``
+    (:func:`replica_images`), in the given order."""
+    total: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
+    per_replica = []
     for workers in replicas:
-        for k, v in replica_counters(workers).items():
+        own = replica_counters(workers)
+        for k, v in own.items():
             total[k] += v
+        per_replica.append({**own, "images": replica_images(workers)})
+    total["replicas"] = per_replica
     return total
+
+
+def replica_step_metrics(current: Sequence[Mapping[str, Any]] | None,
+                         previous: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
+    """The per-replica metrics of one step (module doc) from two :func:`total_counters`
+    ``"replicas"`` lists; a replica absent before counts from 0 (as does a counter that went down).
+    ``{}`` when ``current`` is empty or ``None``."""
+    if not current:
+        return {}
+    previous = list(previous or ())
+    out: dict[str, float] = {}
+    served: dict[str, int] = {}  # image key -> replicas that served it this step
+    for i, now in enumerate(current):
+        before = previous[i] if i < len(previous) else {}
+        items = sum(int(now.get(k, 0)) for k in ("hits", "misses"))
+        items_before = sum(int(before.get(k, 0)) for k in ("hits", "misses"))
+        out[f"rollout/replica_{i}/image_items"] = float(items - items_before if items >= items_before else items)
+        old = before.get("images") or {}
+        fresh = [k for k, n in (now.get("images") or {}).items() if n != old.get(k, 0)]
+        out[f"rollout/replica_{i}/images"] = float(len(fresh))
+        for k in fresh:
+            served[k] = served.get(k, 0) + 1
+    out[f"{PREFIX}split_images"] = float(sum(n > 1 for n in served.values()))
+    return out
 
 
 def step_delta(current: Mapping[str, int], previous: Mapping[str, int] | None) -> dict[str, float]:
@@ -120,7 +167,7 @@ def _server_vit_stats(server: Any, timeout: float = RPC_TIMEOUT_S) -> list[dict]
 
 # ---------------------------------------------------------------------------- driver side
 def query_replicas(trainer: Any, timeout: float = RPC_TIMEOUT_S) -> dict[str, int]:
-    """Cumulative counters of all replicas now (:func:`total_counters`).
+    """Cumulative counters of all replicas now, summed and per replica (:func:`total_counters`).
 
     Raises:
         Any failure of the Ray calls or the RPC (the caller catches it).
@@ -151,6 +198,7 @@ def vit_cache_step_metrics(trainer: Any, query=query_replicas) -> dict[str, floa
     try:
         current = query(trainer)
         out = step_delta(current, state["previous"])
+        out.update(replica_step_metrics(current.get("replicas"), (state["previous"] or {}).get("replicas")))
     except Exception as exc:  # never fail a training step for a metric
         state["disabled"] = True
         logger.warning(
