@@ -270,7 +270,10 @@ def test_two_nodes_fsdp_two_replicas_checkpoint_node_loss_resume(outputs, cluste
     assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == STEPS
     resumed = list(range(saved + 1, STEPS + 1))
     assert resumed and all(m[s]["training/global_step"] == s for s in resumed)
-    assert all(m[s]["actor/grounding/grad_norm"] > 0 and m[s]["actor/reasoning/grad_norm"] > 0 for s in m)
+    for s in m:  # both updates ran on two ranks; a stream whose groups all tie has no policy gradient
+        for stream in ("grounding", "reasoning"):
+            if m[s][f"{stream}/reward/groups_varying"] > 0:
+                assert m[s][f"actor/{stream}/grad_norm"] > 0, (s, stream)
     assert "val/acc" in m[STEPS]
     served = _check_replicas(run_dir, m, sorted(m))
 

@@ -45,7 +45,7 @@ def _model_stats(llm) -> dict[str, float]:
 
 
 def _delta(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in after if k != "hit_rate"}
+    return {k: after[k] - before[k] for k in after if k not in ("hit_rate", "images")}  # images: a map, not a count
 
 
 def _fresh(case, salt: int):
