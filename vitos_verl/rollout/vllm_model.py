@@ -89,7 +89,7 @@ def _patch_runner_resets() -> None:
     )
 
 
-def vit_cache_stats(model) -> dict[str, float]:
+def vit_cache_stats(model) -> dict[str, float | dict[str, int]]:
     """ViT-cache counters of one model instance (cumulative), for a trainer's metrics.
 
     ``hits`` (image items served from cached features), ``misses`` (ViT passes, one per image
@@ -104,6 +104,7 @@ def vit_cache_stats(model) -> dict[str, float]:
     one dict per worker; a method name, so no ``VLLM_ALLOW_INSECURE_SERIALIZATION``).
     """
     hits, misses = int(getattr(model, "vit_cache_hits", 0)), int(getattr(model, "vit_cache_misses", 0))
+    seen = getattr(model, "_vit_seen", None)
     return {
         "hits": hits,
         "misses": misses,
@@ -112,11 +113,11 @@ def vit_cache_stats(model) -> dict[str, float]:
         "clears": int(getattr(model, "vit_cache_clears", 0)),
         "kept": int(getattr(model, "vit_cache_kept", 0)),
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-        "images": {k.hex(): n for k, n in seen.items()} if (seen := getattr(model, "_vit_seen", None)) is not None else {},
+        "images": {k.hex(): n for k, n in seen.items()} if seen is not None else {},
     }
 
 
-def worker_vit_cache_stats(worker) -> dict[str, float]:
+def worker_vit_cache_stats(worker) -> dict[str, float | dict[str, int]]:
     """:func:`vit_cache_stats` of a vLLM worker's model (pass to ``collective_rpc``)."""
     return vit_cache_stats(worker.get_model())
 
