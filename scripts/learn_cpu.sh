@@ -21,12 +21,19 @@
 # seed: FORCE=1 after changing them).
 # SFT_SAVE_FREQ (default: none) also keeps the warm start of every SFT_SAVE_FREQ-th step, as the
 # cached warm start of a run with SFT_STEPS=<that step> (one long SFT, several starting points).
+# SFT_PICK=<threshold> (e.g. 0.4) picks the warm start by what it measures: one SFT run of
+# SFT_STEPS (default 400 then) keeping every SFT_SAVE_FREQ-th step (default 25), then
+# vitos_verl.eval.warmstart_probe on N_PROBE (64) validation questions, sampled at temperature 1,
+# on each kept step from SFT_PICK_FROM (default 100) up; the RL run starts from the first whose
+# sampled box IoU and sampled answer accuracy (gt-box pruned image) both reach the threshold (the
+# last one if none does). The probes and the pick: $OUT/models/learn-<size>-pick<threshold>-seed<SEED>.json.
 # Extra arguments are hydra overrides of the RL run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-outputs}")
 PY=${PY:-.venv/bin/python}
 SEED=${SEED:-0}
+if [[ -n ${SFT_PICK:-} ]]; then SFT_STEPS=${SFT_STEPS:-400} SFT_SAVE_FREQ=${SFT_SAVE_FREQ:-25}; fi
 SFT_STEPS=${SFT_STEPS:-250}
 N_TRAIN=${N_TRAIN:-2000}
 N_VAL=${N_VAL:-128}
@@ -64,6 +71,36 @@ if [[ ! -f $SFT/model.safetensors || ${FORCE:-0} == 1 ]]; then
       bash scripts/export_sft.sh "$SFT_RUN" "$BASE" "$OUT/models/learn-$SIZE-sft$s-seed$SEED" "$s"
     done
   fi
+fi
+if [[ -n ${SFT_PICK:-} ]]; then
+  PICK=$OUT/models/learn-$SIZE-pick$SFT_PICK-seed$SEED.json
+  if [[ ! -f $PICK || ${FORCE:-0} == 1 ]]; then
+    probes=()
+    for ((s = ${SFT_PICK_FROM:-100}; s <= SFT_STEPS; s += SFT_SAVE_FREQ)); do
+      cand=$OUT/models/learn-$SIZE-sft$s-seed$SEED
+      [[ -f $cand/model.safetensors ]] || continue
+      "$PY" -m vitos_verl.eval.warmstart_probe --model "$cand" --data "$DATA/val.parquet" \
+        --num "${N_PROBE:-64}" --seed "$SEED" --out "$cand/probe.json" > /dev/null
+      probes+=("$cand/probe.json")
+      stamp "probe $(tr -d '\n ' < "$cand/probe.json")"
+      "$PY" - "$cand/probe.json" "$SFT_PICK" <<'PYEOF' && break
+import json, sys
+p = json.load(open(sys.argv[1])); t = float(sys.argv[2])
+sys.exit(0 if p["box_iou"] >= t and p["answer_acc"] >= t else 1)
+PYEOF
+    done
+    "$PY" - "$PICK" "$SFT_PICK" "${probes[@]}" <<'PYEOF'
+import json, sys
+from vitos_verl.atomic import atomic_write_text
+out, t, probes = sys.argv[1], float(sys.argv[2]), [json.load(open(p)) for p in sys.argv[3:]]
+ok = [p for p in probes if p["box_iou"] >= t and p["answer_acc"] >= t]
+pick = (ok or probes)[0 if ok else -1]
+if not ok:
+    print(f"learn_cpu: no warm start reached {t} (sampled box IoU and answer accuracy); using the last", file=sys.stderr)
+atomic_write_text(out, json.dumps({"threshold": t, "picked": pick["model"], "met": bool(ok), "probes": probes}, indent=1) + "\n")
+PYEOF
+  fi
+  SFT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["picked"])' "$PICK")
 fi
 stamp "warm start $SFT"
 

@@ -37,21 +37,45 @@ def encode_row(processor, row: dict[str, Any], stream: str = "reasoning") -> dic
 
 
 @torch.no_grad()
-def greedy_pruned(model, enc, keep_masks, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decode from a pruned prompt (no KV cache: recomputes, small models only).
+def decode_pruned(model, enc, keep_masks, max_new_tokens: int, temperature: float = 0.0,
+                  generator: torch.Generator | None = None, use_cache: bool = False) -> tuple[list[int], torch.Tensor]:  # fmt: skip
+    """Decode from a pruned prompt with transformers (small models: one prompt, eager).
+
+    Args:
+        model: a transformers ``Qwen2_5_VLForConditionalGeneration``.
+        enc: the processor's outputs for one prompt (full image: ``input_ids`` (1, L),
+            ``pixel_values``, ``image_grid_thw`` (n_images, 3)).
+        keep_masks: one bool mask per image over its LLM visual tokens (``(h/2, w/2)`` cells of
+            the resized image), :func:`vitos_verl.pruning.box_to_keep_mask`; all-True keeps all.
+        max_new_tokens: stop after this many tokens (or at the text model's EOS).
+        temperature: 0 decodes greedily; > 0 samples from ``softmax(logits / temperature)``.
+        generator: the sampling generator (seed it for repeatable samples).
+        use_cache: keep transformers' KV cache between tokens (feeding each new token with its
+            M-RoPE position); False recomputes the whole sequence every token (the reference).
 
     Returns:
-        generated token ids and the first step's logits ``(V,)``.
+        generated token ids and the first step's logits ``(V,)`` (float32 as the model computes).
     """
     image_token_id = model.config.image_token_id
     ids = prune_input_ids(enc["input_ids"][0], enc["image_grid_thw"], keep_masks, image_token_id)
     pos = mrope_position_ids(ids, enc["image_grid_thw"], image_token_id, keep_masks)
     embeds = pruned_inputs_embeds(model, ids, enc["pixel_values"], enc["image_grid_thw"], keep_masks)
-    out, first = [], None
+    out, first, cache = [], None, None
     for _ in range(max_new_tokens):
-        logits = model(inputs_embeds=embeds, position_ids=pos.unsqueeze(1)).logits[0, -1]
+        if use_cache:  # feed only what the cache has not seen
+            seen = 0 if cache is None else cache.get_seq_length()
+            res = model(inputs_embeds=embeds[:, seen:], position_ids=pos[:, seen:].unsqueeze(1),
+                        past_key_values=cache, use_cache=True)  # fmt: skip
+            cache = res.past_key_values
+        else:
+            res = model(inputs_embeds=embeds, position_ids=pos.unsqueeze(1))
+        logits = res.logits[0, -1]
         first = logits if first is None else first
-        tok = int(logits.argmax())
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            tok = int(torch.multinomial(probs, 1, generator=generator))
+        else:
+            tok = int(logits.argmax())
         out.append(tok)
         if tok == model.config.text_config.eos_token_id:
             break
@@ -59,6 +83,11 @@ def greedy_pruned(model, enc, keep_masks, max_new_tokens: int) -> tuple[list[int
         embeds = torch.cat([embeds, nxt], dim=1)
         pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
     return out, first
+
+
+def greedy_pruned(model, enc, keep_masks, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy :func:`decode_pruned`."""
+    return decode_pruned(model, enc, keep_masks, max_new_tokens)
 
 
 def run(model_dir: str, data: str, num: int, max_new_tokens: int, margin_cells: int, min_keep_ratio: float) -> dict:
