@@ -75,30 +75,12 @@ fi
 if [[ -n ${SFT_PICK:-} ]]; then
   PICK=$OUT/models/learn-$SIZE-pick$SFT_PICK-seed$SEED.json
   if [[ ! -f $PICK || ${FORCE:-0} == 1 ]]; then
-    probes=()
+    cands=()
     for ((s = ${SFT_PICK_FROM:-100}; s <= SFT_STEPS; s += SFT_SAVE_FREQ)); do
-      cand=$OUT/models/learn-$SIZE-sft$s-seed$SEED
-      [[ -f $cand/model.safetensors ]] || continue
-      "$PY" -m vitos_verl.eval.warmstart_probe --model "$cand" --data "$DATA/val.parquet" \
-        --num "${N_PROBE:-64}" --seed "$SEED" --out "$cand/probe.json" > /dev/null
-      probes+=("$cand/probe.json")
-      stamp "probe $(tr -d '\n ' < "$cand/probe.json")"
-      "$PY" - "$cand/probe.json" "$SFT_PICK" <<'PYEOF' && break
-import json, sys
-p = json.load(open(sys.argv[1])); t = float(sys.argv[2])
-sys.exit(0 if p["box_iou"] >= t and p["answer_acc"] >= t else 1)
-PYEOF
+      if [[ -f $OUT/models/learn-$SIZE-sft$s-seed$SEED/model.safetensors ]]; then cands+=("$OUT/models/learn-$SIZE-sft$s-seed$SEED"); fi
     done
-    "$PY" - "$PICK" "$SFT_PICK" "${probes[@]}" <<'PYEOF'
-import json, sys
-from vitos_verl.atomic import atomic_write_text
-out, t, probes = sys.argv[1], float(sys.argv[2]), [json.load(open(p)) for p in sys.argv[3:]]
-ok = [p for p in probes if p["box_iou"] >= t and p["answer_acc"] >= t]
-pick = (ok or probes)[0 if ok else -1]
-if not ok:
-    print(f"learn_cpu: no warm start reached {t} (sampled box IoU and answer accuracy); using the last", file=sys.stderr)
-atomic_write_text(out, json.dumps({"threshold": t, "picked": pick["model"], "met": bool(ok), "probes": probes}, indent=1) + "\n")
-PYEOF
+    "$PY" -m vitos_verl.eval.warmstart_probe --pick "$SFT_PICK" --model "${cands[@]}" --data "$DATA/val.parquet" \
+      --num "${N_PROBE:-64}" --seed "$SEED" --out "$PICK" > /dev/null
   fi
   SFT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["picked"])' "$PICK")
 fi

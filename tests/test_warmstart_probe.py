@@ -81,3 +81,22 @@ def test_probe_refuses_data_without_boxes(task, tiny_224_ckpt, tmp_path):
     pq.write_table(pa.Table.from_pylist(table), path)
     with pytest.raises(ValueError, match="gt_boxes"):
         warmstart_probe.probe(tiny_224_ckpt, path)
+
+
+def test_pick_stops_at_the_first_warm_start_over_the_threshold(task, monkeypatch, tmp_path):
+    rates = {"sft100": (0.30, 0.50), "sft125": (0.45, 0.41), "sft150": (0.90, 0.90)}
+    seen = []
+
+    def fake(model, data, **kwargs):
+        seen.append(model)
+        iou, acc = rates[model]
+        return {"model": model, "rows": 64, "box_iou": iou, "answer_acc": acc}
+
+    monkeypatch.setattr(warmstart_probe, "probe", fake)
+    res = warmstart_probe.pick(list(rates), task, 0.4, out=tmp_path / "pick.json")
+    assert res["picked"] == "sft125" and res["met"] and seen == ["sft100", "sft125"]  # sft150 is not probed
+    assert (tmp_path / "pick.json").exists()
+    res = warmstart_probe.pick(list(rates), task, 0.95)
+    assert res["picked"] == "sft150" and not res["met"] and len(res["probes"]) == 3
+    with pytest.raises(ValueError, match="no warm start"):
+        warmstart_probe.pick([], task, 0.4)

@@ -15,11 +15,14 @@ boxes, each stream sampled at ``temperature`` as the rollout samples it:
   (:func:`vitos_verl.rewards.score.reasoning_score`) and format.
 
 Decoding is :func:`vitos_verl.eval.pruned_check.decode_pruned` with the KV cache (one prompt at
-a time: for the tiny policies). ``scripts/learn_cpu.sh`` (``SFT_PICK``) probes each saved warm
-start and trains from the first one whose sampled IoU and accuracy both reach a threshold.
+a time: for the tiny policies). ``--pick`` (:func:`pick`, used by ``scripts/learn_cpu.sh``'s
+``SFT_PICK``) probes an SFT run's kept steps in order and names the first whose sampled IoU and
+accuracy both reach a threshold.
 
     python -m vitos_verl.eval.warmstart_probe --model outputs/models/learn-learn-sft250-seed0 \\
         --data outputs/data/sparse_evidence-seed0/val.parquet --num 64 --out probe.json
+    python -m vitos_verl.eval.warmstart_probe --pick 0.4 --model outputs/models/learn-learn-sft{100,125,150}-seed0 \\
+        --data outputs/data/sparse_evidence-seed0/val.parquet --out pick.json   # prints the picked folder
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,18 +113,66 @@ def probe(model_dir: str | Path, data: str | Path, num: int = 64, temperature: f
     return res
 
 
+def pick(models: Sequence[str | Path], data: str | Path, threshold: float, out: str | Path | None = None,
+         **probe_kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    """Probe ``models`` in order (e.g. an SFT run's kept steps, earliest first) and pick the first
+    whose sampled ``box_iou`` and ``answer_acc`` both reach ``threshold`` (the probes stop there),
+    or the last model when none does.
+
+    Args:
+        models: warm-start folders, in the order to try them.
+        data, probe_kwargs: as :func:`probe`.
+        threshold: the minimum of both sampled rates (chance is 0.25 for both on ``make learn``'s
+            task).
+        out: also write the result here (JSON).
+
+    Returns:
+        ``{"threshold", "picked": <model folder>, "met": bool, "probes": [probe results, in order]}``.
+
+    Raises:
+        ValueError: ``models`` is empty.
+    """
+    if not models:
+        raise ValueError("no warm start to probe")
+    probes = []
+    for model in models:
+        probes.append(probe(model, data, **probe_kwargs))
+        print("warmstart_probe: " + json.dumps(probes[-1]), file=sys.stderr, flush=True)
+        if probes[-1]["box_iou"] >= threshold and probes[-1]["answer_acc"] >= threshold:
+            break
+    last = probes[-1]
+    met = last["box_iou"] >= threshold and last["answer_acc"] >= threshold
+    if not met:
+        print(f"warmstart_probe: no warm start reached {threshold} on both; picking the last, {last['model']}",
+              file=sys.stderr)  # fmt: skip
+    res = {"threshold": threshold, "picked": last["model"], "met": met, "probes": probes}
+    if out:
+        atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m vitos_verl.eval.warmstart_probe", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", nargs="+", required=True, help="a warm start; with --pick, several, in the order to try")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--margin-cells", type=int, default=1)
+    p.add_argument("--pick", type=float, metavar="THRESHOLD",
+                   help="probe the --model folders in order and print the first whose sampled IoU and accuracy reach it")  # fmt: skip
     p.add_argument("--out", type=Path, help="also write the result here (JSON)")
     a = p.parse_args(argv)
-    res = probe(a.model, a.data, a.num, a.temperature, a.seed, a.max_new_tokens, a.margin_cells)
+    kwargs = {"num": a.num, "temperature": a.temperature, "seed": a.seed, "max_new_tokens": a.max_new_tokens,
+              "margin_cells": a.margin_cells}  # fmt: skip
+    if a.pick is not None:
+        res = pick(a.model, a.data, a.pick, a.out, **kwargs)
+        print(res["picked"])
+        return res
+    if len(a.model) > 1:
+        p.error("several --model folders need --pick")
+    res = probe(a.model[0], a.data, **kwargs)
     text = json.dumps(res, indent=1)
     if a.out:
         atomic_write_text(a.out, text + "\n")
